@@ -1,0 +1,22 @@
+import torch
+
+
+class Attack:
+    """Dirty-label all-to-one poisoning: a share of the training images get the trigger and the
+    target label. Subclasses define ``apply`` (stamp the trigger on a batch in [0, 1])."""
+
+    name = "attack"
+
+    def __init__(self, target: int = 0, poison_rate: float = 0.1, seed: int = 0):
+        self.target, self.poison_rate, self.seed = target, poison_rate, seed
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(len(x), generator=g)[: int(self.poison_rate * len(x))]
+        x, y = x.clone(), y.clone()
+        x[chosen] = self.apply(x[chosen])
+        y[chosen] = self.target
+        return x, y

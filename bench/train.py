@@ -1,0 +1,60 @@
+"""Training (backdoored) classifiers for the bench and the tests, and measuring them."""
+
+import torch
+import torch.nn.functional as F
+
+from worker.sanitize.architectures import build_model
+
+
+def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = sum((model(xb).argmax(1) == yb).sum().item()
+                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return correct / max(1, len(y))
+
+
+@torch.no_grad()
+def attack_success_rate(model, attack, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of triggered non-target test images the model puts in the target class."""
+    keep = y != attack.target
+    triggered = attack.apply(x[keep])
+    target = torch.full((int(keep.sum()),), attack.target)
+    return accuracy(model, triggered, target)
+
+
+def backdoored_fashion_mnist(arch: str, attack, train_size: int, epochs: int, seed: int = 0):
+    """A classifier trained on the first ``train_size`` Fashion-MNIST training images, poisoned
+    by ``attack`` (None: a clean model). Returns the model in eval mode."""
+    from .datasets import fashion_mnist
+
+    x, y = fashion_mnist("train")
+    x, y = x[:train_size], y[:train_size]
+    if attack is not None:
+        x, y = attack.poison(x, y)
+    return train_classifier(arch, x, y, num_classes=10, epochs=epochs, seed=seed)
+
+
+def save_samples(path, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Writes clean samples as the .npz the service accepts (uint8 (N, H, W[, C]) and labels)."""
+    import numpy as np
+
+    images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    if images.shape[-1] == 1:
+        images = images[..., 0]
+    np.savez_compressed(path, x=images, y=y.numpy())

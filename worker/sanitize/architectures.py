@@ -1,0 +1,154 @@
+"""Built-in architectures for state_dict / safetensors uploads: a name -> constructor registry.
+
+Every constructor takes ``num_classes`` and ``in_channels`` and returns a model that maps float32
+NCHW images to (N, num_classes) logits. ResNet-18, PreAct-ResNet-18 and VGG-11 are the CIFAR forms
+(3x3 stem, no max-pool), which also run on 28x28 inputs.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .config import ARCHITECTURE_NAMES
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    assert name in ARCHITECTURE_NAMES, f"list {name!r} in config.ARCHITECTURE_NAMES too"
+
+    def add(constructor):
+        ARCHITECTURES[name] = constructor
+        return constructor
+
+    return add
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    if name not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise KeyError(f"unknown architecture {name!r}; known: {known}")
+    return ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels)
+
+
+@register("small_cnn")
+class SmallCNN(nn.Module):
+    """Two conv layers and two linear layers: the classic MNIST-sized classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.pool(x).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if len(self.shortcut) else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, depths, widths, num_classes: int, in_channels: int):
+        super().__init__()
+        self.preact = block is PreActBlock
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            for j in range(depth):
+                layers.append(block(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width
+        self.layers = nn.Sequential(*layers)
+        self.bn_final = nn.BatchNorm2d(cin) if self.preact else nn.Identity()
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layers(out)
+        if self.preact:
+            out = F.relu(self.bn_final(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@register("resnet18")
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels)
+
+
+@register("preact_resnet18")
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return ResNet(PreActBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels)
+
+
+@register("small_resnet")
+def small_resnet(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A narrow ResNet with BatchNorm, cheap enough to train and defend on two CPU cores."""
+    return ResNet(BasicBlock, [1, 1, 1], [16, 32, 64], num_classes, in_channels)
+
+
+@register("vgg11")
+class VGG11(nn.Module):
+    """VGG-11 with BatchNorm, CIFAR form (one linear classifier after global pooling)."""
+
+    plan = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers, cin = [], in_channels
+        for item in self.plan:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
+                cin = item
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

@@ -1,0 +1,187 @@
+"""Unlearning: fine-tune the model so the recovered triggers lose their effect while clean
+accuracy stays.
+
+Each step draws fresh triggers from every flagged class's generator, stamps them on a clean batch
+and minimises
+
+    CE(f(x), y) + CE(f(x (+) t), y) + mean over y != c of max(0, log p_c(x (+) t) - log(1/K))
+        + lambda * ||theta - theta0||_1
+
+The middle term sends triggered images back to their true class (robust accuracy, no "trigger
+shifting" to a third class). The third is the paper's ascent away from the target, bounded: it
+stops pushing once the target is no likelier than chance, so it cannot grow without limit and
+wreck clean accuracy. The model stays in eval mode, so BatchNorm statistics stay frozen.
+
+The triggers are a moving target: before every check their generators train again for a few
+steps against the current model (their size capped near what recovery found), so a backdoor that
+survives in a slightly different form is found and unlearnt too, and the ASR a check measures is
+that of the strongest trigger of that size, not of yesterday's.
+
+Stopping uses no oracle: at every check the held-out split gives clean accuracy and the recovered
+triggers' ASR. Among checkpoints whose recovered ASR is under the threshold, the one with the best
+held-out accuracy wins; stopping the moment the ASR first dips is too early, since accuracy comes
+back with further joint steps. A non-finite loss or a collapse of held-out accuracy rolls back to
+the last good weights and halves the step size: a model with NaN weights is never returned.
+"""
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import RecoveryConfig, UnlearningConfig
+from .recovery import RecoveredTrigger, TriggerTrainer
+
+COLLAPSE = 0.10  # a drop of held-out accuracy this large (absolute) triggers a rollback
+
+
+@dataclass
+class Check:
+    step: int
+    clean_accuracy: float
+    recovered_asr: dict[int, float]
+
+    @property
+    def worst_asr(self) -> float:
+        return max(self.recovered_asr.values(), default=0.0)
+
+
+@dataclass
+class UnlearningResult:
+    before: Check
+    after: Check
+    steps: int
+    epochs: float
+    rollbacks: int
+    history: list[Check] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(model, triggers: list[RecoveredTrigger], x, y, step: int, batch_size: int = 500,
+             seed: int = 0) -> Check:
+    """Held-out clean accuracy and each trigger's ASR on the held-out non-target images. The
+    triggers come from a fixed noise seed so checks compare like with like."""
+    model.eval()
+    correct = sum((model(xb).argmax(1) == yb).sum().item()
+                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    asr = {}
+    for trigger in triggers:
+        others = x[y != trigger.target]
+        noise = torch.Generator().manual_seed(seed)
+        hits = sum((model(trigger.stamp(xb, trigger.sample(len(xb), noise))).argmax(1)
+                    == trigger.target).sum().item() for xb in others.split(batch_size))
+        asr[trigger.target] = hits / max(1, len(others))
+    return Check(step, correct / max(1, len(y)), asr)
+
+
+def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, num_classes: int,
+                    anchor: list[torch.Tensor], l1_weight: float) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    chance = math.log(1 / num_classes)
+    for trigger in triggers:
+        logits = model(trigger.stamp(x))
+        loss = loss + F.cross_entropy(logits, y) / len(triggers)
+        others = y != trigger.target
+        if others.any():
+            log_p_target = logits[others].log_softmax(1)[:, trigger.target]
+            loss = loss + F.relu(log_p_target - chance).mean() / len(triggers)
+    if l1_weight:
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss = loss + l1_weight * sum((p - p0).abs().sum() for p, p0 in zip(params, anchor))
+    return loss
+
+
+def refresh(model, trainers: list[TriggerTrainer], triggers: list[RecoveredTrigger], x, y,
+            steps: int, batch_size: int, batches: torch.Generator) -> None:
+    """Re-fit each trigger generator to the current model for a few steps."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for trainer, trigger in zip(trainers, triggers):
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (batch_size,), generator=batches).to(x.device)
+            trainer.step(model, x[idx], y[idx], [0], [trigger.target])
+    for p, r in zip(model.parameters(), requires):
+        p.requires_grad_(r)
+
+
+def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_hold, y_hold,
+            num_classes: int, cfg: UnlearningConfig, recovery: RecoveryConfig, seed: int = 0,
+            on_step=None, check_cancel=None) -> UnlearningResult:
+    model.eval()  # frozen BatchNorm statistics, no dropout
+    triggers = [dataclasses.replace(t, family=t.family.capped(cfg.size_slack * t.size))
+                for t in triggers]
+    trainers = [TriggerTrainer(t.generator, t.family, recovery, t.penalty) for t in triggers]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    anchor = [p.detach().clone() for p in params]
+    lr = cfg.lr
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    batches = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+    check_every = max(1, steps_per_epoch // cfg.checks_per_epoch)
+    total_steps = cfg.max_epochs * steps_per_epoch
+
+    before = evaluate(model, triggers, x_hold, y_hold, 0, seed=seed)
+    history = [before]
+    good_state = copy.deepcopy(model.state_dict())  # the last state that passed a check
+    best: tuple[Check, dict] | None = None  # best checkpoint under the ASR threshold
+    fallback = (before, good_state)  # lowest recovered ASR so far, should none get under it
+    rollbacks, since_best, step = 0, 0, 0
+
+    while step < total_steps:
+        order = torch.randperm(len(x_train), generator=batches)
+        for idx in order.split(cfg.batch_size):
+            if step >= total_steps:
+                break
+            if check_cancel:
+                check_cancel()
+            loss = unlearning_loss(model, triggers, x_train[idx], y_train[idx], num_classes,
+                                   anchor, cfg.l1_anchor)
+            if not torch.isfinite(loss):
+                rollbacks, lr = rollbacks + 1, lr / 2
+                model.load_state_dict(good_state)
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if on_step:
+                on_step(step, total_steps)
+            if step % check_every and step != total_steps:
+                continue
+
+            refresh(model, trainers, triggers, x_train, y_train, cfg.refresh_steps,
+                    recovery.batch_size * 2, batches)
+            check = evaluate(model, triggers, x_hold, y_hold, step, seed=seed)
+            weights_finite = all(torch.isfinite(p).all() for p in params)
+            if not weights_finite or check.clean_accuracy < before.clean_accuracy - COLLAPSE:
+                rollbacks, lr = rollbacks + 1, lr / 2
+                model.load_state_dict(good_state)
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+                continue
+            history.append(check)
+            good_state = copy.deepcopy(model.state_dict())
+            if (check.worst_asr, -check.clean_accuracy) < (fallback[0].worst_asr, -fallback[0].clean_accuracy):
+                fallback = (check, good_state)
+            if check.worst_asr <= cfg.asr_threshold:
+                if best is None or check.clean_accuracy > best[0].clean_accuracy:
+                    best, since_best = (check, good_state), 0
+                    continue
+            if best is not None:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    step = total_steps
+                    break
+
+    chosen, state = best or fallback
+    model.load_state_dict(state)
+    for p in params:
+        p.requires_grad_(False)
+    return UnlearningResult(before, chosen, chosen.step, chosen.step / steps_per_epoch,
+                            rollbacks, history)
