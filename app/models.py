@@ -1,0 +1,164 @@
+"""The service's tables. Uploaded and sanitized model files live in the artifact store; the
+database keeps their keys and checksums, the reports, metrics and trigger images (PNG bytes)."""
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index,
+                        LargeBinary, String, Text, TypeDecorator, UniqueConstraint, Uuid)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python, naive UTC in the database: SQLite keeps no time zone, and
+    comparisons (pagination) must mean the same on both backends."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.astimezone(UTC).replace(tzinfo=None) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def string_enum(enum: type[StrEnum]) -> Enum:
+    # Plain VARCHAR of the values: no native ENUM type to migrate on PostgreSQL.
+    return Enum(enum, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class ArtifactRole(StrEnum):
+    model = "model"
+    samples = "samples"
+    sanitized_model = "sanitized_model"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
+    prefix: Mapped[str] = mapped_column(String(12))  # to tell keys apart without the secret
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[JobStatus] = mapped_column(string_enum(JobStatus), default=JobStatus.queued)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress_stage: Mapped[str | None] = mapped_column(String(32))
+    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    config: Mapped[dict] = mapped_column(JSON)  # SanitizeConfig, defaults filled in
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    model_format: Mapped[str] = mapped_column(String(16))  # torchscript | state_dict | safetensors
+    backdoor_detected: Mapped[bool | None] = mapped_column(Boolean)
+    detected_targets: Mapped[list[int] | None] = mapped_column(JSON)
+    report: Mapped[dict | None] = mapped_column(JSON, deferred=True)
+
+    artifacts: Mapped[list["Artifact"]] = relationship(lazy="selectin", passive_deletes=True)
+    metrics: Mapped[list["JobMetric"]] = relationship(lazy="selectin", passive_deletes=True)
+
+    def artifact(self, role: ArtifactRole) -> "Artifact | None":
+        return next((a for a in self.artifacts if a.role == role), None)
+
+
+class Artifact(Base):
+    """A file in the artifact store that belongs to a job."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    role: Mapped[ArtifactRole] = mapped_column(string_enum(ArtifactRole))
+    key: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))  # what the user called it
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class TriggerImage(Base):
+    """One picture of a recovered trigger: its mask, its pattern, or it stamped on samples."""
+
+    __tablename__ = "trigger_images"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))  # e.g. class0_mask_pattern
+    class_index: Mapped[int]
+    family: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)  # anomaly index of the trigger's class
+    png: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
+class JobMetric(Base):
+    """A number from a finished job's report, by its dotted path (clean_accuracy.after,
+    recovered_asr.0.before, timings_s.total): queryable across jobs."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[float]
+
+
+class IdempotencyRecord(Base):
+    """The job a tenant's Idempotency-Key created, and a hash of the request that created it."""
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("tenant_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
