@@ -1,0 +1,148 @@
+import base64
+from pathlib import PurePosixPath
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+
+from app import crud
+from app.api.deps import CurrentTenant, JobDep, SessionDep, SettingsDep, StoreDep
+from app.models import ArtifactRole, Job, JobStatus, TriggerImage
+from app.problems import MEDIA_TYPE, Problem
+from app.schemas import JobPage, JobView, TriggerList, job_path, job_view, trigger_views
+from app.storage import read_chunks
+from app.uploads import receive_job_form
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# Suggested wait between polls of a job that is not finished yet.
+RETRY_AFTER_S = 2
+
+PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "problem details; detail says what to fix"}
+UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["model", "samples"],
+    "properties": {
+        "model": {"type": "string", "format": "binary", "description":
+                  "TorchScript archive, torch.save'd state_dict (.pt/.pth) or .safetensors"},
+        "samples": {"type": "string", "format": "binary", "description":
+                    ".npz with arrays x and y, or .zip of class folders of PNG/JPEG images"},
+        "config": {"type": "string", "description":
+                   'JSON object of settings (docs/config.md) plus webhook_url, e.g. {"seed": 0}'},
+    },
+}}}}}
+
+
+@router.post("", status_code=202, summary="Submit a model and clean samples for sanitization",
+             openapi_extra=UPLOAD_FORM,
+             responses={code: PROBLEM for code in (401, 413, 415, 422)})
+async def create_job(
+    request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
+    settings: SettingsDep, store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description=
+                               "retrying with the same key returns the first job")] = None,
+) -> JobView:
+    form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
+    try:
+        job, replayed = await run_in_threadpool(crud.submit_job, session, store, tenant, form, idempotency_key)
+    finally:
+        form.discard()
+    response.headers["Location"] = job_path(job.id)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_view(job)
+
+
+@router.get("", summary="Your jobs, newest first", responses={401: PROBLEM, 422: PROBLEM})
+def list_jobs(
+    session: SessionDep, tenant: CurrentTenant,
+    status: JobStatus | None = None,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page_token: str | None = None,
+) -> JobPage:
+    jobs, next_token = crud.list_jobs(session, tenant, status, page_size, page_token)
+    return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
+
+
+@router.get("/{job_id}", summary="A job's status, progress and result",
+            responses={401: PROBLEM, 404: PROBLEM})
+def read_job(job: JobDep, response: Response) -> JobView:
+    if not job.status.finished:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return job_view(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (best effort)",
+             responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+def cancel_job(job: JobDep, session: SessionDep) -> JobView:
+    return job_view(crud.cancel_job(session, job))
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a job, its files and results",
+               responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+def delete_job(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
+    crud.delete_job(session, store, job)
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/model", summary="Download the sanitized model (in the input's format)",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+def download_model(job: JobDep, store: StoreDep) -> StreamingResponse:
+    require_success(job, "the sanitized model")
+    sanitized, uploaded = job.artifact(ArtifactRole.sanitized_model), job.artifact(ArtifactRole.model)
+    name = PurePosixPath(uploaded.filename)
+    filename = f"{name.stem}.sanitized{PurePosixPath(sanitized.key).suffix}"
+    digest = base64.b64encode(bytes.fromhex(sanitized.sha256)).decode()
+    return StreamingResponse(read_chunks(store.open(sanitized.key)), media_type="application/octet-stream",
+                             headers={"Content-Disposition": attachment(filename),
+                                      "Content-Length": str(sanitized.size),
+                                      "Repr-Digest": f"sha-256=:{digest}:"})
+
+
+@router.get("/{job_id}/triggers", summary="The recovered triggers of the detected targets",
+            responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+def list_triggers(job: JobDep, session: SessionDep) -> TriggerList:
+    require_success(job, "the recovered triggers")
+    images = session.scalars(select(TriggerImage).where(TriggerImage.job_id == job.id)
+                             .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind))
+    return TriggerList(triggers=trigger_views(job.id, list(images)))
+
+
+@router.get("/{job_id}/triggers/{trigger_id}.png", summary="One trigger picture",
+            response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 401: PROBLEM, 404: PROBLEM})
+def trigger_png(job: JobDep, trigger_id: str, session: SessionDep) -> Response:
+    png = session.scalar(select(TriggerImage.png).where(TriggerImage.job_id == job.id,
+                                                        TriggerImage.name == trigger_id))
+    if png is None:
+        raise Problem(404, f"job {job.id} has no trigger picture {trigger_id!r}; "
+                           f"GET {job_path(job.id)}/triggers lists them")
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/report", summary="The full report.json of a succeeded job",
+            responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+def read_report(job: JobDep, session: SessionDep) -> JSONResponse:
+    require_success(job, "the report")
+    return JSONResponse(session.scalar(select(Job.report).where(Job.id == job.id)))
+
+
+def require_success(job: Job, what: str) -> None:
+    if job.status == JobStatus.succeeded:
+        return
+    if job.status.finished:
+        reason = f": {job.error_message}" if job.error_message else ""
+        raise Problem(409, f"job {job.id} {job.status.value}{reason}; {what} exists only for a "
+                           "succeeded job")
+    raise Problem(409, f"job {job.id} is {job.status.value}; {what} will be available once it has "
+                       f"succeeded (poll {job_path(job.id)})", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def attachment(filename: str) -> str:
+    # RFC 6266: a plain-ASCII fallback plus the exact UTF-8 name.
+    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"

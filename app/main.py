@@ -1,0 +1,53 @@
+"""The API process: ``create_app`` builds the FastAPI app from settings (the environment by
+default). It stores uploads and reads results; it never imports torch or loads a model."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.api.routes import health, jobs
+from app.core.config import Settings
+from app.core.security import ensure_api_key
+from app.db import make_engine, make_sessions
+from app.problems import install_problem_handlers
+from app.storage import LocalArtifactStore
+from worker.sanitize import __version__
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Upload an image classifier and a few clean samples; get back the model with its
+backdoor erased, the recovered trigger images and before/after metrics.
+
+Authenticate with `Authorization: Bearer <key>`. Errors are `application/problem+json`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = make_engine(settings.database_url)
+    sessions = make_sessions(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.api_key:
+            await run_in_threadpool(register_env_key, sessions, settings)
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
+    app.state.store = LocalArtifactStore(settings.artifact_dir)
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+def register_env_key(sessions, settings: Settings) -> None:
+    try:
+        with sessions() as session:
+            ensure_api_key(session, settings.api_key_tenant, settings.api_key.get_secret_value())
+    except SQLAlchemyError as e:
+        log.warning("could not register BAERASE_API_KEY (%s); run `baerase db upgrade`", type(e).__name__)

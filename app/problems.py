@@ -1,0 +1,54 @@
+"""Errors as RFC 9457 problem details (application/problem+json). ``type`` stays about:blank, so
+``title`` is the HTTP status phrase; ``detail`` says what the caller should fix."""
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, **extra):
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.extra = status, detail, headers, extra
+
+
+def problem_response(request: Request, status: int, detail: str,
+                     headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
+            "detail": detail, "instance": request.url.path, **extra}
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def describe_validation_errors(errors) -> list[dict]:
+    """Pydantic errors as {"loc": "config.recovery.steps", "msg": ...}."""
+    return [{"loc": ".".join(str(part) for part in error["loc"]), "msg": error["msg"]}
+            for error in errors]
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, exc: Problem):
+        return problem_response(request, exc.status, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_exception(request: Request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"there is no {request.method} {request.url.path}; see /docs for the API"
+        return problem_response(request, exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        errors = describe_validation_errors(exc.errors())
+        detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
+        return problem_response(request, 422, f"invalid request: {detail}", errors=errors)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        # Logged by the server; the caller learns only that it was not their fault.
+        return problem_response(request, 500, "an internal error occurred; try again later")

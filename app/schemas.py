@@ -1,0 +1,124 @@
+"""What the API returns. ``job_view`` is shared with the worker, which posts it to webhooks."""
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from app.models import ArtifactRole, Job, JobStatus, TriggerImage
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(description="validate | recovery | unlearning | report")
+    fraction: float = Field(description="overall progress in [0, 1]")
+    message: str | None
+
+
+class JobError(BaseModel):
+    code: str = Field(description="invalid_input (fix the upload), internal_error or worker_stopped")
+    message: str
+
+
+class JobResult(BaseModel):
+    backdoor_detected: bool
+    detected_targets: list[int]
+    clean_accuracy: dict[str, float] = Field(description="held-out accuracy before/after")
+    recovered_asr: dict[str, dict[str, float]] = Field(
+        description="per detected target: the recovered trigger's success rate before/after")
+    timings: dict[str, float] = Field(description="seconds per stage")
+
+
+class InputFile(BaseModel):
+    filename: str
+    size: int
+    sha256: str
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str
+    model: str = Field(description="the sanitized model, once succeeded")
+    triggers: str
+    report: str
+
+
+class JobView(BaseModel):
+    id: uuid.UUID
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    cancel_requested: bool
+    error: JobError | None
+    result: JobResult | None
+    model_format: str = Field(description="torchscript | state_dict | safetensors")
+    inputs: dict[str, InputFile]
+    config: dict
+    webhook_url: str | None
+    links: JobLinks
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    next_page_token: str | None = Field(description="pass as page_token for the next page")
+
+
+class TriggerView(BaseModel):
+    class_: int = Field(serialization_alias="class", description="the class the trigger flips inputs to")
+    family: str = Field(description="patch | mask")
+    score: float | None = Field(description="anomaly index of the class (higher: more suspicious)")
+    images: dict[str, str] = Field(description="picture kind (mask, pattern, stamped) -> PNG URL")
+
+
+class TriggerList(BaseModel):
+    triggers: list[TriggerView]
+
+
+def job_path(job_id: uuid.UUID) -> str:
+    return f"/jobs/{job_id}"
+
+
+def job_view(job: Job) -> JobView:
+    path = job_path(job.id)
+    inputs = {role.value: InputFile(filename=a.filename, size=a.size, sha256=a.sha256)
+              for role in (ArtifactRole.model, ArtifactRole.samples) if (a := job.artifact(role))}
+    return JobView(
+        id=job.id, status=job.status, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress=Progress(stage=job.progress_stage, fraction=job.progress_fraction,
+                          message=job.progress_message),
+        cancel_requested=job.cancel_requested,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        result=job_result(job) if job.status == JobStatus.succeeded else None,
+        model_format=job.model_format, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
+        links=JobLinks(self=path, cancel=f"{path}/cancel", model=f"{path}/model",
+                       triggers=f"{path}/triggers", report=f"{path}/report"),
+    )
+
+
+def job_result(job: Job) -> JobResult:
+    """The headline numbers, from the job's metric rows (see worker/jobs.py)."""
+    metrics = {m.name: m.value for m in job.metrics}
+
+    def under(prefix: str) -> dict[str, float]:
+        return {name.removeprefix(prefix): value for name, value in metrics.items()
+                if name.startswith(prefix)}
+
+    targets = job.detected_targets or []
+    return JobResult(
+        backdoor_detected=bool(job.backdoor_detected), detected_targets=targets,
+        clean_accuracy=under("clean_accuracy."),
+        recovered_asr={str(t): under(f"recovered_asr.{t}.") for t in targets},
+        timings=under("timings_s."),
+    )
+
+
+def trigger_views(job_id: uuid.UUID, images: list[TriggerImage]) -> list[TriggerView]:
+    """One entry per recovered trigger (class and family), with the URLs of its pictures."""
+    views: dict[tuple[int, str], TriggerView] = {}
+    for image in images:
+        view = views.setdefault((image.class_index, image.family), TriggerView(
+            class_=image.class_index, family=image.family, score=image.score, images={}))
+        view.images[image.kind] = f"{job_path(job_id)}/triggers/{image.name}.png"
+    return list(views.values())
