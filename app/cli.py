@@ -55,6 +55,105 @@ def sanitize_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    import uvicorn
+
+    from app.core.config import Settings
+    from app.db import upgrade
+    from app.main import create_app
+
+    settings = Settings()
+    worker = None
+    if args.embedded:
+        upgrade(settings.database_url)
+        # A separate process, so that even here the API process never loads a model.
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+        print_embedded_help(settings, args, worker.pid)
+    # uvicorn re-raises SIGINT/SIGTERM once it has shut down: let both unwind to the finally.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker:
+            worker.terminate()  # it puts a running job back in the queue, then stops
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def print_embedded_help(settings, args: argparse.Namespace, worker_pid: int) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = f"http://{args.host}:{args.port}"
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
+    if settings.api_key:
+        key_help = f"use the key in BAERASE_API_KEY (tenant {settings.api_key_tenant!r})"
+    else:
+        key_help = ("create one with `baerase keys create --tenant NAME`, or start with "
+                    "BAERASE_API_KEY=<secret> set")
+    print(f"BAERASE embedded mode: database {database}, artifacts in {settings.artifact_dir}, "
+          f"worker pid {worker_pid}\nAPI key: {key_help}\n"
+          f"Submit a job: curl -H \"Authorization: Bearer $KEY\" -F model=@model.pt "
+          f"-F samples=@clean.npz {url}/jobs\nAPI docs: {url}/docs", file=sys.stderr, flush=True)
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from app.core.config import Settings
+    from app.db import make_engine, make_sessions
+    from app.storage import LocalArtifactStore
+    from worker.jobs import work
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds like Ctrl-C: requeue, stop
+    settings = Settings()
+    try:
+        work(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir),
+             settings.worker_poll_interval_s)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def db_upgrade_command(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
+    from app.core.config import Settings
+    from app.db import upgrade
+
+    settings = Settings()
+    upgrade(settings.database_url)
+    print(f"{make_url(settings.database_url).render_as_string(hide_password=True)}: schema is up to date")
+    return 0
+
+
+def keys_create_command(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.core.config import Settings
+    from app.core.security import create_api_key
+    from app.db import make_engine, make_sessions
+
+    try:
+        with make_sessions(make_engine(Settings().database_url))() as session:
+            key = create_api_key(session, args.tenant)
+    except SQLAlchemyError as e:
+        return fail(f"cannot store the key ({type(e).__name__}); run `baerase db upgrade` first "
+                    "and check BAERASE_DATABASE_URL")
+    print(key)
+    print(f"a new key for tenant {args.tenant!r}; it is shown only this once", file=sys.stderr)
+    return 0
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -75,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=sanitize_command)
+
+    s = commands.add_parser("serve", help="run the REST API")
+    s.add_argument("--embedded", action="store_true",
+                   help="also run a worker process, and migrate the database first (SQLite by default)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(run=serve_command)
+
+    s = commands.add_parser("worker", help="run queued jobs from the database (serve --embedded starts one)")
+    s.set_defaults(run=worker_command)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    s = db.add_parser("upgrade", help="create or migrate the tables to the latest schema")
+    s.set_defaults(run=db_upgrade_command)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    s = keys.add_parser("create", help="create an API key and print it")
+    s.add_argument("--tenant", required=True, help="the tenant the key belongs to (created if new)")
+    s.set_defaults(run=keys_create_command)
     return parser
 
 
