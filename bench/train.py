@@ -7,7 +7,7 @@ from worker.sanitize.architectures import build_model
 
 
 def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                     epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)

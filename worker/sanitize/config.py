@@ -48,10 +48,10 @@ class UnlearningConfig(Strict):
     lr: float = Field(0.01, gt=0)
     l1_anchor: float = Field(1e-6, ge=0, description="lambda of ||theta - theta0||_1")
     asr_threshold: float = Field(0.02, ge=0, le=1, description="recovered ASR that counts as erased")
-    refresh_steps: int = Field(20, ge=0, description="generator steps against the current model before each check")
+    refresh_steps: int = Field(10, ge=0, description="generator steps against the current model before each check")
     size_slack: float = Field(1.5, ge=1, description="refreshed masks may grow to this multiple of the recovered size")
-    checks_per_epoch: int = Field(2, ge=1)
-    patience: int = Field(3, ge=1, description="checks without a better checkpoint before stopping")
+    checks_per_epoch: int = Field(1, ge=1)
+    patience: int = Field(2, ge=1, description="checks without a better checkpoint before stopping")
 
 
 class SanitizeConfig(Strict):

@@ -36,6 +36,7 @@ from .config import RecoveryConfig, UnlearningConfig
 from .recovery import RecoveredTrigger, TriggerTrainer
 
 COLLAPSE = 0.10  # a drop of held-out accuracy this large (absolute) triggers a rollback
+MAX_ROLLBACKS = 8  # after this many, the best checkpoint so far is returned
 
 
 @dataclass
@@ -81,13 +82,15 @@ def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, num_classes: 
                     anchor: list[torch.Tensor], l1_weight: float) -> torch.Tensor:
     loss = F.cross_entropy(model(x), y)
     chance = math.log(1 / num_classes)
-    for trigger in triggers:
-        logits = model(trigger.stamp(x))
-        loss = loss + F.cross_entropy(logits, y) / len(triggers)
-        others = y != trigger.target
+    # Each trigger gets its share of the batch, so a step costs the same for any number of targets.
+    for trigger, part in zip(triggers, torch.arange(len(x)).tensor_split(max(1, len(triggers)))):
+        xs, ys = x[part], y[part]
+        logits = model(trigger.stamp(xs))
+        loss = loss + F.cross_entropy(logits, ys) * len(part) / len(x)
+        others = ys != trigger.target
         if others.any():
             log_p_target = logits[others].log_softmax(1)[:, trigger.target]
-            loss = loss + F.relu(log_p_target - chance).mean() / len(triggers)
+            loss = loss + F.relu(log_p_target - chance).sum() / len(x)
     if l1_weight:
         params = [p for p in model.parameters() if p.requires_grad]
         loss = loss + l1_weight * sum((p - p0).abs().sum() for p, p0 in zip(params, anchor))
@@ -126,6 +129,10 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_hold, y
     check_every = max(1, steps_per_epoch // cfg.checks_per_epoch)
     total_steps = cfg.max_epochs * steps_per_epoch
 
+    def batch_indices():
+        while True:
+            yield from torch.randperm(len(x_train), generator=batches).split(cfg.batch_size)
+
     before = evaluate(model, triggers, x_hold, y_hold, 0, seed=seed)
     history = [before]
     good_state = copy.deepcopy(model.state_dict())  # the last state that passed a check
@@ -133,20 +140,15 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_hold, y
     fallback = (before, good_state)  # lowest recovered ASR so far, should none get under it
     rollbacks, since_best, step = 0, 0, 0
 
-    while step < total_steps:
-        order = torch.randperm(len(x_train), generator=batches)
-        for idx in order.split(cfg.batch_size):
-            if step >= total_steps:
-                break
-            if check_cancel:
-                check_cancel()
-            loss = unlearning_loss(model, triggers, x_train[idx], y_train[idx], num_classes,
-                                   anchor, cfg.l1_anchor)
-            if not torch.isfinite(loss):
-                rollbacks, lr = rollbacks + 1, lr / 2
-                model.load_state_dict(good_state)
-                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
-                continue
+    for idx in batch_indices():
+        if step >= total_steps or rollbacks > MAX_ROLLBACKS:
+            break
+        if check_cancel:
+            check_cancel()
+        loss = unlearning_loss(model, triggers, x_train[idx], y_train[idx], num_classes,
+                               anchor, cfg.l1_anchor)
+        healthy = bool(torch.isfinite(loss))
+        if healthy:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -155,29 +157,28 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_hold, y
                 on_step(step, total_steps)
             if step % check_every and step != total_steps:
                 continue
-
             refresh(model, trainers, triggers, x_train, y_train, cfg.refresh_steps,
                     recovery.batch_size * 2, batches)
             check = evaluate(model, triggers, x_hold, y_hold, step, seed=seed)
-            weights_finite = all(torch.isfinite(p).all() for p in params)
-            if not weights_finite or check.clean_accuracy < before.clean_accuracy - COLLAPSE:
-                rollbacks, lr = rollbacks + 1, lr / 2
-                model.load_state_dict(good_state)
-                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
-                continue
-            history.append(check)
-            good_state = copy.deepcopy(model.state_dict())
-            if (check.worst_asr, -check.clean_accuracy) < (fallback[0].worst_asr, -fallback[0].clean_accuracy):
-                fallback = (check, good_state)
-            if check.worst_asr <= cfg.asr_threshold:
-                if best is None or check.clean_accuracy > best[0].clean_accuracy:
-                    best, since_best = (check, good_state), 0
-                    continue
-            if best is not None:
-                since_best += 1
-                if since_best >= cfg.patience:
-                    step = total_steps
-                    break
+            healthy = (all(torch.isfinite(p).all() for p in params)
+                       and check.clean_accuracy >= before.clean_accuracy - COLLAPSE)
+        if not healthy:  # roll back to the last good weights and halve the step size
+            rollbacks, lr = rollbacks + 1, lr / 2
+            model.load_state_dict(good_state)
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+            continue
+
+        history.append(check)
+        good_state = copy.deepcopy(model.state_dict())
+        if (check.worst_asr, -check.clean_accuracy) < (fallback[0].worst_asr, -fallback[0].clean_accuracy):
+            fallback = (check, good_state)
+        if check.worst_asr <= cfg.asr_threshold and (
+                best is None or check.clean_accuracy > best[0].clean_accuracy):
+            best, since_best = (check, good_state), 0
+        elif best is not None:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
 
     chosen, state = best or fallback
     model.load_state_dict(state)

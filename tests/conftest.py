@@ -1,0 +1,37 @@
+"""Backdoored and clean Fashion-MNIST classifiers shared by the end-to-end tests (built once)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.attacks import BadNets
+from bench.datasets import fashion_mnist
+from bench.train import backdoored_fashion_mnist, save_samples
+
+
+@dataclass
+class Case:
+    model: Path  # TorchScript archive
+    samples: Path  # the defender's clean .npz
+    attack: BadNets | None
+
+
+def build_case(directory: Path, attack: BadNets | None) -> Case:
+    model = backdoored_fashion_mnist("small_cnn", attack, train_size=12_000, epochs=2)
+    path = directory / "model.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    x, y = fashion_mnist("train")
+    save_samples(directory / "clean.npz", x[50_000:52_000], y[50_000:52_000])
+    return Case(path, directory / "clean.npz", attack)
+
+
+@pytest.fixture(scope="session")
+def backdoored_case(tmp_path_factory) -> Case:
+    return build_case(tmp_path_factory.mktemp("backdoored"), BadNets(target=0))
+
+
+@pytest.fixture(scope="session")
+def clean_case(tmp_path_factory) -> Case:
+    return build_case(tmp_path_factory.mktemp("clean"), None)
