@@ -72,7 +72,7 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
         session.add(job)
         if idempotency_key:
             session.add(IdempotencyRecord(tenant_id=tenant.id, key=idempotency_key,
-                                          request_sha256=request_sha256, job_id=job.id))
+                                          request_sha256=request_sha256, job=job))
         session.commit()
     except BaseException as e:
         session.rollback()
@@ -93,7 +93,7 @@ def idempotent_job(session: Session, tenant: Tenant, key: str, request_sha256: s
     if record.request_sha256 != request_sha256:
         raise Problem(422, f"Idempotency-Key {key!r} was already used for a different request "
                            f"(job {record.job_id}); use a new key for a new job")
-    return session.get(Job, record.job_id)
+    return record.job
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:

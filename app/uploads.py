@@ -32,6 +32,7 @@ SAMPLES_HELP = "upload an .npz with arrays x and y, or a .zip of class folders o
 
 @dataclass
 class FilePart:
+    field: str  # model | samples
     staged: StagedFile
     filename: str
     limit: int
@@ -83,8 +84,8 @@ class JobFormParser:
             if getattr(self.form, name) is not None:
                 raise Problem(422, f"the form has two '{name}' fields; send one")
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
-            part = FilePart(self.store.stage(), PurePosixPath(filename.replace("\\", "/")).name or name,
-                            self.limits[name])
+            part = FilePart(name, self.store.stage(),
+                            PurePosixPath(filename.replace("\\", "/")).name or name, self.limits[name])
             self.form.files.append(part)
             setattr(self.form, name, part)
             self.current = part
@@ -105,19 +106,19 @@ class JobFormParser:
         part = self.current
         if part.staged.size + len(chunk) > part.limit:
             raise Problem(413, f"{part.filename} is larger than the {format_bytes(part.limit)} limit "
-                               "for this upload; send a smaller file or ask the operator to raise "
-                               "BAERASE_MAX_MODEL_BYTES / BAERASE_MAX_SAMPLES_BYTES")
+                               f"for the {part.field}; send a smaller file, or ask the operator to "
+                               f"raise BAERASE_MAX_{part.field.upper()}_BYTES")
         if len(part.head) < HEAD_BYTES:
             part.head += chunk[:HEAD_BYTES - len(part.head)]
             if len(part.head) == HEAD_BYTES:
-                check_head(part, self.form)
+                check_head(part)
         part.staged.write(chunk)
 
     def on_part_end(self) -> None:
         if isinstance(self.current, FilePart):
             self.current.staged.close()
             if len(self.current.head) < HEAD_BYTES:
-                check_head(self.current, self.form)
+                check_head(self.current)
         self.current = None
 
     def callbacks(self) -> dict:
@@ -159,9 +160,9 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
     return parser.form
 
 
-def check_head(part: FilePart, form: JobForm) -> None:
+def check_head(part: FilePart) -> None:
     """Rejects a file whose first bytes belong to no accepted format, before reading the rest."""
-    if part is form.model:
+    if part.field == "model":
         if not (part.head.startswith(ZIP_HEADS) or part.head.startswith(LEGACY_TORCH_HEAD)
                 or looks_like_safetensors(part.head)):
             raise Problem(415, f"{part.filename} is not a model file: {MODEL_HELP}")
