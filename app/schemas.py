@@ -15,7 +15,7 @@ class Progress(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str = Field(description="invalid_input (fix the upload), internal_error or worker_stopped")
+    code: str = Field(description="invalid_input (the message says what to fix) or internal_error")
     message: str
 
 
