@@ -60,8 +60,8 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
 
     if idempotency_key and (replay := idempotent_job(session, tenant, idempotency_key, request_sha256)):
         return replay, True
-    job = Job(id=uuid.uuid4(), tenant_id=tenant.id, status=JobStatus.queued, config=config,
-              webhook_url=webhook_url, model_format=fmt, created_at=utcnow())
+    job = Job(id=uuid.uuid4(), tenant_id=tenant.id, config=config, webhook_url=webhook_url,
+              model_format=fmt)
     folder = f"jobs/{job.id}"
     try:
         for role, part, suffix in ((ArtifactRole.model, form.model, MODEL_SUFFIXES[fmt]),

@@ -8,7 +8,7 @@ model is ever deserialized here: loading, with ``weights_only=True``, happens in
 import json
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import anyio
@@ -44,11 +44,13 @@ class JobForm:
     model: FilePart | None = None
     samples: FilePart | None = None
     config_text: bytearray | None = None
-    files: list[FilePart] = field(default_factory=list)
+
+    def files(self) -> list[FilePart]:
+        return [part for part in (self.model, self.samples) if part is not None]
 
     def discard(self) -> None:
         """Removes every staged file that has not been moved into the store."""
-        for part in self.files:
+        for part in self.files():
             part.staged.discard()
 
 
@@ -86,7 +88,6 @@ class JobFormParser:
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
             part = FilePart(name, self.store.stage(),
                             PurePosixPath(filename.replace("\\", "/")).name or name, self.limits[name])
-            self.form.files.append(part)
             setattr(self.form, name, part)
             self.current = part
         elif name == "config":
@@ -150,7 +151,7 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
     except BaseException:
         parser.form.discard()
         raise
-    for part in parser.form.files:
+    for part in parser.form.files():
         part.staged.close()
     if parser.form.model is None or parser.form.samples is None:
         parser.form.discard()

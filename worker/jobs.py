@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus, TriggerImage, utcnow
@@ -37,9 +38,13 @@ def work(sessions: Sessions, store: ArtifactStore, poll_interval_s: float) -> No
     """Runs queued jobs, oldest first, until interrupted; any number of workers may share a
     database, since each job is claimed by an atomic update."""
     while True:
-        with sessions() as session:
-            job_id = session.scalar(select(Job.id).where(Job.status == JobStatus.queued)
-                                    .order_by(Job.created_at).limit(1))
+        try:
+            with sessions() as session:
+                job_id = session.scalar(select(Job.id).where(Job.status == JobStatus.queued)
+                                        .order_by(Job.created_at).limit(1))
+        except OperationalError as e:  # the database restarting, say: wait for it
+            log.warning("cannot look for jobs: %s", str(e).splitlines()[0])
+            job_id = None
         if job_id is None:
             time.sleep(poll_interval_s)
         else:

@@ -1,5 +1,4 @@
 import base64
-from pathlib import PurePosixPath
 from typing import Annotated
 from urllib.parse import quote
 
@@ -44,6 +43,8 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255, description=
                                "retrying with the same key returns the first job")] = None,
 ) -> JobView:
+    # Receiving the files may take minutes: give the connection back to the pool meanwhile.
+    await run_in_threadpool(session.close)
     form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
     try:
         job, replayed = await run_in_threadpool(crud.submit_job, session, store, tenant, form, idempotency_key)
@@ -93,12 +94,10 @@ def delete_job(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
                        401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
 def download_model(job: JobDep, store: StoreDep) -> StreamingResponse:
     require_success(job, "the sanitized model")
-    sanitized, uploaded = job.artifact(ArtifactRole.sanitized_model), job.artifact(ArtifactRole.model)
-    name = PurePosixPath(uploaded.filename)
-    filename = f"{name.stem}.sanitized{PurePosixPath(sanitized.key).suffix}"
+    sanitized = job.artifact(ArtifactRole.sanitized_model)
     digest = base64.b64encode(bytes.fromhex(sanitized.sha256)).decode()
     return StreamingResponse(read_chunks(store.open(sanitized.key)), media_type="application/octet-stream",
-                             headers={"Content-Disposition": attachment(filename),
+                             headers={"Content-Disposition": attachment(sanitized.filename),
                                       "Content-Length": str(sanitized.size),
                                       "Repr-Digest": f"sha-256=:{digest}:"})
 
