@@ -3,8 +3,11 @@ and the API process itself never loading torch."""
 
 import hashlib
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -127,3 +130,29 @@ with TestClient(create_app(settings)) as client:
 assert "torch" not in sys.modules, "the API imported torch"
 """
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True)
+
+
+def test_the_worker_command_runs_jobs_and_requeues_on_stop(client, submit, auth, settings, database_url):
+    """`baerase worker` picks the job up and reports progress; stopped mid-run, it puts the job
+    back in the queue."""
+    endless = {"recovery": {"steps": 1_000_000, "families": ["patch"]}}
+    job = submit(config=endless).json()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")}
+    env |= {"BAERASE_DATABASE_URL": database_url, "BAERASE_ARTIFACT_DIR": str(settings.artifact_dir),
+            "BAERASE_WORKER_POLL_INTERVAL_S": "0.2", "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=REPO, env=env)
+    try:
+        def recovering():
+            assert worker.poll() is None, "the worker exited"
+            now = client.get(job["links"]["self"], headers=auth).json()
+            assert now["status"] in ("queued", "running"), now
+            return now["progress"]["stage"] == "recovery"
+
+        while not recovering():
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0
+    body = client.get(job["links"]["self"], headers=auth).json()
+    assert body["status"] == "queued" and body["started_at"] is None
+    assert body["progress"]["message"] == "requeued: the worker was stopped"
