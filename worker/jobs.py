@@ -2,8 +2,8 @@
 made. ``run_job`` runs one job by id (what a queue worker calls); ``work`` polls the database for
 queued jobs (the embedded mode's worker and `baerase worker`).
 
-This module uses the database but does not import torch: the engine is imported when the first
-job runs, so the API can share the models without ever loading it.
+This module uses the database but does not import torch itself: the engine (which imports no
+web, queue or database code) is imported when the first job runs.
 """
 
 import logging
