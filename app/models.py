@@ -1,5 +1,8 @@
 """The service's tables. Uploaded and sanitized model files live in the artifact store; the
-database keeps their keys and checksums, the reports, metrics and trigger images (PNG bytes)."""
+database keeps their keys and checksums, the reports, metrics and trigger images (PNG bytes).
+
+The jobs table is the source of truth for every job's state; a broker message only says "job X
+is ready" and can be lost or sent twice without harm (see worker/jobs.py and worker/sweeper.py)."""
 
 import uuid
 from datetime import UTC, datetime
@@ -45,6 +48,12 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
 class ArtifactRole(StrEnum):
     model = "model"
     samples = "samples"
@@ -60,6 +69,8 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Signs this tenant's webhooks; kept in the clear because signing needs it (whsec_<base64>).
+    webhook_secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -88,6 +99,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Last time a broker message was sent for it: the sweeper sends again when it waits too long.
+    enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(default=0)  # claims so far, the running one included
+    worker_id: Mapped[str | None] = mapped_column(String(255))  # host:pid that runs it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # stamped while it runs
     progress_stage: Mapped[str | None] = mapped_column(String(32))
     progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
     progress_message: Mapped[str | None] = mapped_column(Text)
@@ -162,5 +178,29 @@ class IdempotencyRecord(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship()
+
+
+class WebhookDelivery(Base):
+    """One webhook message about a job that reached a final state, written in the same transaction
+    as that state (so none is lost), and its delivery attempts so far."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)  # the webhook-id header
+    event_type: Mapped[str] = mapped_column(String(32))  # job.succeeded, job.failed, job.cancelled
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the exact body, the same on every attempt
+    status: Mapped[DeliveryStatus] = mapped_column(string_enum(DeliveryStatus), default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     job: Mapped[Job] = relationship()

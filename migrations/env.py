@@ -21,6 +21,14 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(database_url)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copying it and dropping the original; with foreign
+            # keys enforced, that drop would cascade-delete the rows that refer to it (a tenant's
+            # jobs). The pragma only works outside a transaction: end the one SQLAlchemy began for
+            # it, or Alembic would run inside that one and never commit. This connection is
+            # closed, pragma and all, when the migration ends.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
         with context.begin_transaction():
             context.run_migrations()

@@ -1,7 +1,8 @@
 """Service settings, read from BAERASE_* environment variables (and a .env file, if present).
 
 The defaults are the embedded mode: SQLite and artifacts under ./baerase-data, no broker. Point
-BAERASE_DATABASE_URL at PostgreSQL (postgresql+psycopg://...) for production.
+BAERASE_DATABASE_URL at PostgreSQL (postgresql+psycopg://...) and BAERASE_BROKER_URL at Redis for
+production: the API then queues Celery tasks, and `baerase worker` runs them (worker/celery_app.py).
 """
 
 from pathlib import Path
@@ -10,6 +11,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024**2
+HOUR = 3600
 
 
 class Settings(BaseSettings):
@@ -18,12 +20,31 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("baerase-data"), description="home of the default database and artifacts")
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir")
     artifact_dir: Path | None = Field(None, description="uploads and results; default: data_dir/artifacts")
-    broker_url: str | None = Field(None, description="Celery broker (production mode); /readyz checks it")
+    broker_url: str | None = Field(None, description="Celery broker (production mode); unset or empty: "
+                                   "workers poll the database")
     api_key: SecretStr | None = Field(None, description="bootstraps this key for api_key_tenant at start-up")
     api_key_tenant: str = "local"
     max_model_bytes: int = Field(1024 * MiB, ge=1, description="largest model upload (413 above)")
     max_samples_bytes: int = Field(1024 * MiB, ge=1, description="largest sample-set upload (413 above)")
-    worker_poll_interval_s: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
+    worker_poll_interval_s: float = Field(1.0, gt=0, description="how often an idle polling worker "
+                                          "looks for jobs (no broker)")
+    job_max_attempts: int = Field(3, ge=1, description="runs a job gets before a lost worker fails it")
+    job_soft_time_limit_s: float = Field(4 * HOUR, gt=0, description="a job still running then fails "
+                                         "(error code time_limit)")
+    job_time_limit_s: float = Field(4 * HOUR + 300, gt=0, description="Celery kills a job's process then")
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running job's process "
+                                        "stamps heartbeat_at")
+    heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running job whose heartbeat is older "
+                                       "has lost its worker")
+    sweep_interval_s: float = Field(30.0, gt=0, description="how often each worker's sweeper runs")
+    resend_queued_after_s: float = Field(900.0, gt=0, description="a queued job waiting longer gets "
+                                         "its Celery message sent again")
+    db_retry_s: float = Field(300.0, ge=0, description="how long a worker retries a status write "
+                                                       "while the database is unreachable")
+    webhook_max_attempts: int = Field(8, ge=1, description="deliveries of one webhook message at most")
+    webhook_retry_base_s: float = Field(30.0, gt=0, description="wait after the first failed "
+                                        "delivery; doubled after each further one")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="how long a webhook receiver may take")
 
     @model_validator(mode="after")
     def fill_paths(self):
@@ -31,4 +52,23 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'baerase.db'}"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        self.broker_url = self.broker_url or None  # BAERASE_BROKER_URL= (empty) means no broker
         return self
+
+    @model_validator(mode="after")
+    def check_time_limits(self):
+        if self.job_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("job_time_limit_s must exceed job_soft_time_limit_s, so that a job can "
+                             "fail cleanly at the soft limit before Celery kills its process")
+        # A live job misses a heartbeat or two when the database hiccups; only a long silence
+        # means its worker is gone.
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be at least 3 x heartbeat_interval_s")
+        return self
+
+    @property
+    def broker_visibility_timeout_s(self) -> float:
+        """How long Redis waits for the ack of a delivered message before delivering it again.
+        Longer than the hard time limit (Celery's advice for late acks), so a running job's message
+        is never handed to a second worker; the database claim would stop a duplicate anyway."""
+        return self.job_time_limit_s + HOUR

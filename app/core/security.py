@@ -1,6 +1,8 @@
 """API keys: random secrets shown once, stored only as sha256 hashes (a key has 256 bits of
-entropy, so a fast hash is enough), each belonging to one tenant."""
+entropy, so a fast hash is enough), each belonging to one tenant. Each tenant also has a webhook
+signing secret (see app/webhooks.py)."""
 
+import base64
 import hashlib
 import secrets
 
@@ -11,16 +13,21 @@ from sqlalchemy.orm import Session
 from app.models import ApiKey, Tenant
 
 KEY_PREFIX = "bae_"
+WEBHOOK_SECRET_PREFIX = "whsec_"  # the Standard Webhooks spelling: whsec_<base64 of the key bytes>
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def tenant_named(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
-        tenant = Tenant(name=name)
+        tenant = Tenant(name=name, webhook_secret=new_webhook_secret())
         session.add(tenant)
         session.flush()
     return tenant
