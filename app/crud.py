@@ -15,6 +15,7 @@ from app.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus
 from app.problems import Problem, describe_validation_errors
 from app.storage import ArtifactStore
 from app.uploads import MODEL_SUFFIXES, JobForm, model_format, samples_suffix
+from app.webhooks import queue_webhook
 from worker.sanitize.config import ARCHITECTURE_NAMES, SanitizeConfig
 
 
@@ -142,7 +143,9 @@ def cancel_job(session: Session, job: Job) -> Job:
     queued = session.execute(
         update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
         .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow()))
-    if queued.rowcount == 0:
+    if queued.rowcount == 1:
+        queue_webhook(session, job.id)  # a worker delivers it
+    else:
         session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running)
                         .values(cancel_requested=True))
     session.commit()

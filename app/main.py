@@ -1,5 +1,7 @@
 """The API process: ``create_app`` builds the FastAPI app from settings (the environment by
-default). It stores uploads and reads results; it never imports torch or loads a model."""
+default). It stores uploads and reads results; it never imports torch or loads a model. With a
+broker (production mode) it announces each new job to the Celery workers; without one, workers
+poll the database."""
 
 import logging
 from contextlib import asynccontextmanager
@@ -8,12 +10,13 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.routes import health, jobs
+from app.api.routes import health, jobs, webhooks
 from app.core.config import Settings
 from app.core.security import ensure_api_key
 from app.db import make_engine, make_sessions
 from app.problems import install_problem_handlers
 from app.storage import LocalArtifactStore
+from worker.celery_app import JobQueue
 from worker.sanitize import __version__
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
     app.state.store = LocalArtifactStore(settings.artifact_dir)
+    app.state.job_queue = JobQueue(settings) if settings.broker_url else None
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -1,14 +1,22 @@
 """Errors as RFC 9457 problem details (application/problem+json). ``type`` stays about:blank, so
 ``title`` is the HTTP status phrase; ``detail`` says what the caller should fix."""
 
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from app.db import UNAVAILABLE
+
 MEDIA_TYPE = "application/problem+json"
+# Suggested wait before retrying a request that met an unreachable database.
+DATABASE_RETRY_AFTER_S = 5
+
+log = logging.getLogger(__name__)
 
 
 class Problem(Exception):
@@ -47,6 +55,16 @@ def install_problem_handlers(app: FastAPI) -> None:
         errors = describe_validation_errors(exc.errors())
         detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
         return problem_response(request, 422, f"invalid request: {detail}", errors=errors)
+
+    async def on_database_unavailable(request: Request, exc: Exception):
+        # Nothing was half-written: each request commits once, at its end, or not at all.
+        log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0])
+        return problem_response(request, 503, "the database is unavailable for the moment; retry "
+                                "the request later", {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+    for exc_class in (*UNAVAILABLE, PoolTimeout):
+        app.add_exception_handler(exc_class, on_database_unavailable)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

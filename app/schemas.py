@@ -3,9 +3,9 @@
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import ArtifactRole, Job, JobStatus, TriggerImage
+from app.models import ArtifactRole, DeliveryStatus, Job, JobStatus, TriggerImage
 
 
 class Progress(BaseModel):
@@ -15,7 +15,8 @@ class Progress(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str = Field(description="invalid_input (the message says what to fix) or internal_error")
+    code: str = Field(description="invalid_input (the message says what to fix), time_limit, "
+                                  "worker_lost or internal_error")
     message: str
 
 
@@ -40,6 +41,7 @@ class JobLinks(BaseModel):
     model: str = Field(description="the sanitized model, once succeeded")
     triggers: str
     report: str
+    webhooks: str = Field(description="the deliveries of its webhook")
 
 
 class JobView(BaseModel):
@@ -50,6 +52,8 @@ class JobView(BaseModel):
     finished_at: datetime | None
     progress: Progress
     cancel_requested: bool
+    attempts: int = Field(description="how many times a worker has started it (a job whose worker "
+                                      "died is run again, up to a limit)")
     error: JobError | None
     result: JobResult | None
     model_format: str = Field(description="torchscript | state_dict | safetensors")
@@ -75,6 +79,30 @@ class TriggerList(BaseModel):
     triggers: list[TriggerView]
 
 
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="whsec_<base64>: verify webhook-signature with the base64-decoded "
+                                    "bytes as the HMAC-SHA256 key (Standard Webhooks)")
+
+
+class WebhookDeliveryView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    message_id: str = Field(description="the webhook-id header; the same on every attempt")
+    event_type: str = Field(description="job.succeeded | job.failed | job.cancelled")
+    url: str
+    status: DeliveryStatus = Field(description="pending (more attempts to come) | delivered | failed")
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None = Field(description="the receiver's last HTTP status, if it answered")
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class WebhookDeliveryList(BaseModel):
+    deliveries: list[WebhookDeliveryView]
+
+
 def job_path(job_id: uuid.UUID) -> str:
     return f"/jobs/{job_id}"
 
@@ -88,12 +116,12 @@ def job_view(job: Job) -> JobView:
         finished_at=job.finished_at,
         progress=Progress(stage=job.progress_stage, fraction=job.progress_fraction,
                           message=job.progress_message),
-        cancel_requested=job.cancel_requested,
+        cancel_requested=job.cancel_requested, attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=job_result(job) if job.status == JobStatus.succeeded else None,
         model_format=job.model_format, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
         links=JobLinks(self=path, cancel=f"{path}/cancel", model=f"{path}/model",
-                       triggers=f"{path}/triggers", report=f"{path}/report"),
+                       triggers=f"{path}/triggers", report=f"{path}/report", webhooks=f"{path}/webhooks"),
     )
 
 

@@ -3,8 +3,11 @@ SQLite file, or this session's PostgreSQL schema truncated) and its own artifact
 
 import io
 import json
+import threading
 import uuid
 import zipfile
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -152,3 +155,41 @@ def submit(client, auth, torchscript_model, samples):
         return client.post("/jobs", files=files, data=data, headers=headers)
 
     return post
+
+
+@dataclass
+class WebhookRequest:
+    headers: dict[str, str]
+    body: bytes
+
+
+class WebhookReceiver:
+    """A local HTTP server that records the requests it gets and answers each with the next of
+    ``statuses`` (204 once they run out)."""
+
+    def __init__(self):
+        self.requests: list[WebhookRequest] = []
+        self.statuses: list[int] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append(WebhookRequest({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()

@@ -120,8 +120,8 @@ def test_embedded_service_end_to_end(tmp_path, backdoored_digits):
         assert api.get(job["links"]["report"]).json()["detected_targets"] == job["result"]["detected_targets"]
 
         wait_for(lambda: WebhookReceiver.received, "the webhook")
-        assert WebhookReceiver.received[0]["id"] == job["id"]
-        assert WebhookReceiver.received[0]["status"] == "succeeded"
+        assert WebhookReceiver.received[0]["type"] == "job.succeeded"
+        assert WebhookReceiver.received[0]["data"]["id"] == job["id"]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

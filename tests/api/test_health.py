@@ -1,8 +1,10 @@
-"""Liveness, readiness, the schema migrations and the API description."""
+"""Liveness, readiness, an unreachable database, the schema migrations and the API description."""
+
+import uuid
 
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from app.cli import main as baerase
 from app.core.config import Settings
@@ -69,3 +71,38 @@ def test_db_upgrade_command(tmp_path, monkeypatch, capsys):
     engine = create_engine(f"sqlite:///{tmp_path / 'baerase.db'}")
     assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
     engine.dispose()
+
+
+def test_an_unreachable_database_answers_503(tmp_path):
+    down = Settings(_env_file=None, data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:9/test")
+    with TestClient(create_app(down)) as client:
+        response = client.get("/jobs", headers={"Authorization": "Bearer some-key"})
+    assert response.status_code == 503 and response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] and "retry" in response.json()["detail"]
+
+
+def test_upgrading_from_the_first_schema_keeps_the_data(database_url):
+    """0002 adds columns that may not be NULL to tables that already have rows."""
+    command.downgrade(alembic_config(database_url), "0001")
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (1, 'acme', '2026-01-01')"))
+        for status in ("queued", "running"):
+            job_id = uuid.uuid4()
+            connection.execute(text(
+                "INSERT INTO jobs (id, tenant_id, status, created_at, started_at, progress_fraction, "
+                "cancel_requested, config, model_format) VALUES (:id, 1, :status, '2026-01-02', "
+                "'2026-01-03', 0, false, '{}', 'torchscript')"),
+                # SQLite keeps UUIDs as 32 hex digits (SQLAlchemy's Uuid type there)
+                {"id": job_id.hex if engine.dialect.name == "sqlite" else str(job_id), "status": status})
+    upgrade(database_url)
+    with engine.connect() as connection:
+        secret = connection.scalar(text("SELECT webhook_secret FROM tenants"))
+        queued, running = connection.execute(text(
+            "SELECT status, attempts, enqueued_at, heartbeat_at FROM jobs ORDER BY status")).all()
+    engine.dispose()
+    assert secret.startswith("whsec_")
+    assert (queued.status, queued.attempts, queued.heartbeat_at) == ("queued", 0, None)
+    assert str(queued.enqueued_at).startswith("2026-01-02")
+    assert (running.status, running.attempts) == ("running", 1)
+    assert str(running.heartbeat_at).startswith("2026-01-03")  # stale: the sweeper requeues it

@@ -20,7 +20,7 @@ FAST = {"recovery": {"steps": 10, "families": ["patch"]}, "unlearning": {"max_ep
 
 
 def run(app, job: dict):
-    return run_job(app.state.sessions, app.state.store, UUID(job["id"]))
+    return run_job(app.state.sessions, app.state.store, app.state.settings, UUID(job["id"]))
 
 
 def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settings, torchscript_model):
@@ -59,10 +59,10 @@ def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settin
 
 def test_a_cancelled_running_job_ends_cancelled(app, client, submit, auth):
     job = submit(config=FAST).json()
-    sessions, job_id = app.state.sessions, UUID(job["id"])
-    assert claim(sessions, job_id)
+    sessions = app.state.sessions
+    job_claim = claim(sessions, UUID(job["id"]))
     assert client.post(job["links"]["cancel"], headers=auth).json()["cancel_requested"] is True
-    assert execute(sessions, app.state.store, job_id) == "cancelled"
+    assert execute(sessions, app.state.store, app.state.settings, job_claim) == "cancelled"
     body = client.get(job["links"]["self"], headers=auth).json()
     assert body["status"] == "cancelled" and body["finished_at"] and body["result"] is None
 

@@ -50,6 +50,10 @@ async def create_job(
         job, replayed = await run_in_threadpool(crud.submit_job, session, store, tenant, form, idempotency_key)
     finally:
         form.discard()
+    # After the commit, so a worker never gets a message for a job it cannot see yet. If this
+    # fails the job still stands: a sweeper sends its message later.
+    if not replayed and (queue := request.app.state.job_queue):
+        await run_in_threadpool(queue.announce, job.id)
     response.headers["Location"] = job_path(job.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
