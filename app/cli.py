@@ -56,6 +56,7 @@ def sanitize_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    import os
     import signal
     import subprocess
 
@@ -70,7 +71,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.embedded:
         upgrade(settings.database_url)
         # A separate process, so that even here the API process never loads a model.
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+        settings.broker_url = None  # embedded: no broker; the worker polls the database
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
+                                  env=os.environ | {"BAERASE_BROKER_URL": ""})
         print_embedded_help(settings, args, worker.pid)
     # uvicorn re-raises SIGINT/SIGTERM once it has shut down: let both unwind to the finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -106,19 +109,34 @@ def print_embedded_help(settings, args: argparse.Namespace, worker_pid: int) -> 
 
 def worker_command(args: argparse.Namespace) -> int:
     import logging
+    import os
     import signal
 
     from app.core.config import Settings
+    from worker.devices import worker_devices
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    settings = Settings()
+    try:
+        devices = worker_devices(args.device)
+    except ValueError as e:
+        return fail(str(e))
+    if settings.broker_url:
+        from worker.tasks import serve
+
+        serve(devices)  # Celery handles SIGTERM: it lets the running jobs finish, then stops
+        return 0
+
     from app.db import make_engine, make_sessions
     from app.storage import LocalArtifactStore
     from worker.jobs import work
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    if args.device:  # before the engine is imported: CUDA reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds like Ctrl-C: requeue, stop
-    settings = Settings()
     try:
         work(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir),
-             settings.worker_poll_interval_s)
+             settings)
     except KeyboardInterrupt:
         pass
     return 0
@@ -159,6 +177,14 @@ def fail(message: str) -> int:
     return 2
 
 
+def device_name(value: str) -> str:
+    from worker.devices import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not cpu or cuda:N (N = 0, 1, ...)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baerase", description="Find and erase backdoors in image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(run=serve_command)
 
-    s = commands.add_parser("worker", help="run queued jobs from the database (serve --embedded starts one)")
+    s = commands.add_parser("worker", help="run jobs: a Celery worker when BAERASE_BROKER_URL is set, "
+                                          "else poll the database (serve --embedded starts one)")
+    s.add_argument("--device", type=device_name, help="cpu or cuda:N: run on that device only "
+                   "(default: one job at a time on each GPU, or on the CPU when there is none)")
     s.set_defaults(run=worker_command)
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)

@@ -1,0 +1,66 @@
+"""The Celery worker (`baerase worker` with BAERASE_BROKER_URL set): its app, its one task, and
+``serve``, which runs it with one pool process per device and a sweeper process beside it.
+
+The parent process only takes messages and supervises. The task imports the engine (torch)
+inside the pool process that runs the job, after that process has been pinned to its device, and
+that process exits after the job (worker_max_tasks_per_child=1): CUDA is never initialised in the
+parent, and every job starts with a clean GPU.
+"""
+
+import logging
+import multiprocessing
+import os
+import uuid
+from functools import cache
+
+from celery.signals import worker_process_init
+from celery.utils.log import current_process_index
+
+from app.core.config import Settings
+from app.db import make_engine, make_sessions
+from app.storage import LocalArtifactStore
+from worker.celery_app import QUEUE, RUN_JOB_TASK, make_celery
+from worker.jobs import run_job
+from worker.sweeper import sweep_forever
+
+log = logging.getLogger(__name__)
+
+settings = Settings()
+celery = make_celery(settings)
+
+
+@celery.task(name=RUN_JOB_TASK)
+def run_job_task(job_id: str) -> None:
+    sessions, store = job_runtime()
+    run_job(sessions, store, settings, uuid.UUID(job_id))
+
+
+@cache
+def job_runtime():
+    """This pool process's database engine and artifact store, made in it: database connections
+    must not be shared across a fork."""
+    return make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir)
+
+
+def serve(devices: list[str]) -> None:
+    """Runs the worker until it is stopped: one pool process per entry of ``devices`` (values for
+    CUDA_VISIBLE_DEVICES, see worker/devices.py), each running one job at a time."""
+    def pin_device(**_):
+        device = devices[current_process_index(base=0)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+        log.info("pool process %d runs jobs on %s", os.getpid(), f"GPU {device}" if device else "the CPU")
+
+    worker_process_init.connect(pin_device, weak=False)
+    # A process of its own, not a thread here: a pool process forked while such a thread held a
+    # lock or a database connection would inherit them in that state.
+    sweeper = multiprocessing.get_context("spawn").Process(target=sweep_forever, name="baerase-sweeper",
+                                                           daemon=True)
+    sweeper.start()
+    try:
+        celery.worker_main(["worker", "--pool=prefork", f"--concurrency={len(devices)}", "--loglevel=INFO",
+                            f"--queues={QUEUE}", f"--hostname=baerase-{os.getpid()}@%h",
+                            # Nothing to learn from other workers: the database coordinates.
+                            "--without-gossip", "--without-mingle"])
+    finally:
+        sweeper.terminate()
+        sweeper.join()
