@@ -16,6 +16,7 @@ from app.core.security import ensure_api_key
 from app.db import make_engine, make_sessions
 from app.problems import install_problem_handlers
 from app.storage import LocalArtifactStore
+from app.ui.routes import router as ui_router
 from worker.celery_app import JobQueue
 from worker.sanitize import __version__
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(ui_router)
     app.include_router(webhooks.router)
     return app
 
