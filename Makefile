@@ -4,8 +4,9 @@ PG_VERSION = $(shell ls /etc/postgresql 2>/dev/null | head -n1)
 
 .PHONY: setup services demo test
 
-setup:  ## install the project, its test tools and the Fashion-MNIST files
+setup:  ## install the project, its test tools (Chromium for the web page's tests) and the Fashion-MNIST files
 	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 services:  ## start PostgreSQL and Redis if they are down

@@ -5,43 +5,16 @@ import base64
 import hashlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.live_server import QUICK_CONFIG, backdoored_digits, start_embedded_server, wait_for  # noqa: F401
+
 KEY = "embedded-test-key"
-# Small settings: the test is about the service, not about the quality of the sanitization.
-CONFIG = {"seed": 0, "recovery": {"steps": 40}, "unlearning": {"max_epochs": 1, "refresh_steps": 5}}
-# Hang guards only: nothing is asserted about how long things take.
-PATIENCE_S = 900
-
-
-@pytest.fixture(scope="session")
-def backdoored_digits(tmp_path_factory) -> tuple[Path, Path]:
-    """A small CNN trained on 1,300 upscaled digits, 10% of them stamped with a BadNets patch
-    relabelled 0; and the defender's 497 clean digits."""
-    from bench.attacks import BadNets
-    from bench.datasets import digits
-    from bench.train import save_samples, train_classifier
-
-    folder = tmp_path_factory.mktemp("backdoored_digits")
-    x, y = digits()
-    poisoned_x, poisoned_y = BadNets(target=0, size=2).poison(x[:1300], y[:1300])
-    model = train_classifier("small_cnn", poisoned_x, poisoned_y, num_classes=10, epochs=8, lr=2e-3)
-    torch.jit.save(torch.jit.script(model), str(folder / "model.pt"))
-    save_samples(folder / "clean.npz", x[1300:], y[1300:])
-    return folder / "model.pt", folder / "clean.npz"
 
 
 class WebhookReceiver(BaseHTTPRequestHandler):
@@ -56,42 +29,15 @@ class WebhookReceiver(BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + PATIENCE_S
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.5)
-    return result
-
-
 def test_embedded_service_end_to_end(tmp_path, backdoored_digits):
     model_path, samples_path = backdoored_digits
     webhook = HTTPServer(("127.0.0.1", 0), WebhookReceiver)
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")}
-    env |= {"BAERASE_API_KEY": KEY, "PYTHONPATH": str(REPO)}
-    log = open(tmp_path / "serve.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--embedded", "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"})
-
-    def ready():
-        assert server.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            return api.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
+    server = start_embedded_server(tmp_path, KEY)
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
 
     try:
-        wait_for(ready, "the server")
-        config = CONFIG | {"webhook_url": f"http://127.0.0.1:{webhook.server_port}/done"}
+        config = QUICK_CONFIG | {"webhook_url": f"http://127.0.0.1:{webhook.server_port}/done"}
         with open(model_path, "rb") as model, open(samples_path, "rb") as samples:
             created = api.post("/jobs", files={"model": model, "samples": samples},
                                data={"config": json.dumps(config)})
@@ -123,8 +69,7 @@ def test_embedded_service_end_to_end(tmp_path, backdoored_digits):
         assert WebhookReceiver.received[0]["type"] == "job.succeeded"
         assert WebhookReceiver.received[0]["data"]["id"] == job["id"]
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        server.stop()
         api.close()
         webhook.shutdown()
     # Stopping the server stops its worker process too.

@@ -1,0 +1,104 @@
+"""The web page at /ui, in a real headless Chromium (Debian's chromium and chromium-driver,
+which `make setup` installs) driven by Selenium. Leaves screenshots in tests/artifacts/."""
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.clients.conftest import KEY, SLOW_CONFIG
+from tests.live_server import PATIENCE_S, REPO
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), \
+        "the browser tests need Debian's chromium and chromium-driver: run `make setup`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    # The driver's path is given, so Selenium never tries to download one.
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def screenshot(browser, name: str) -> Path:
+    """The whole page, as a test artifact."""
+    # The window's height is the page's plus the browser's own frame around it.
+    height = browser.execute_script(
+        "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight")
+    browser.set_window_size(1280, height)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    browser.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_pages_hold_no_job_data_and_fragments_need_a_key(server, finished_job):
+    page = httpx.get(f"{server.url}/ui/jobs/{finished_job.id}")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "model.pt" not in page.text
+    for fragment in ("/ui/fragments/jobs", f"/ui/fragments/jobs/{finished_job.id}"):
+        answer = httpx.get(server.url + fragment)
+        assert answer.status_code == 401 and "API key" in answer.json()["detail"]
+
+
+def test_job_list_and_job_page_in_a_browser(server, finished_job, client, backdoored_digits, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The list re-renders itself every few seconds: an element found a moment ago may be gone.
+    wait = WebDriverWait(browser, PATIENCE_S, ignored_exceptions=[StaleElementReferenceException])
+
+    def text_of(selector: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, selector).text
+
+    browser.get(f"{server.url}/ui")
+    key_input = wait.until(lambda b: b.find_element(By.ID, "api-key"))
+    key_input.send_keys("not-a-key")
+    key_input.submit()
+    wait.until(lambda b: "not known" in text_of("#key-message"))
+    key_input.send_keys(KEY)
+    key_input.submit()
+
+    row = f'tr[data-job-id="{finished_job.id}"]'
+    wait.until(lambda b: "succeeded" in text_of(row))
+    assert "backdoor: class 0" in text_of(row)
+    assert KEY not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('baerase.apiKey')") == KEY
+
+    # A job submitted elsewhere shows up, and then changes, without a reload.
+    other = client.submit(*backdoored_digits, SLOW_CONFIG)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, f'tr[data-job-id="{other.id}"]'))
+    client.cancel(other.id)
+    wait.until(lambda b: text_of(f'tr[data-job-id="{other.id}"] .status') == "cancelled")
+    screenshot(browser, "job-list.png")
+
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'{row} a[href="/ui/jobs/{finished_job.id}"]').click() or True)
+    wait.until(lambda b: "Backdoor found: target class 0" in text_of(".verdict h2"))
+    flagged = browser.find_elements(By.CSS_SELECTOR, "svg.chart .bar.flagged")
+    assert [bar.find_element(By.CSS_SELECTOR, ".label").text for bar in flagged] == ["0"]
+    assert "flagged" in flagged[0].text
+    colour = "return getComputedStyle(document.querySelector(arguments[0])).fill"
+    assert (browser.execute_script(colour, "svg.chart .bar.flagged rect")
+            != browser.execute_script(colour, "svg.chart .bar:not(.flagged) rect"))
+    assert "Clean accuracy" in text_of("table.metrics")
+
+    sizes = "return [...document.querySelectorAll('.triggers img')].map(i => [i.naturalWidth, i.width])"
+    pictures = wait.until(lambda b: (s := b.execute_script(sizes)) and all(n > 0 for n, _ in s) and s)
+    assert all(natural >= 256 and shown >= 256 for natural, shown in pictures), pictures
+    assert screenshot(browser, "job-page.png").stat().st_size > 0

@@ -1,0 +1,97 @@
+"""A live `baerase serve --embedded` (API + worker process, SQLite, local artifacts) and a small
+backdoored model to give it, shared by the end-to-end tests of the service and of its clients."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Small settings: these tests are about the service, not about the quality of the sanitization.
+QUICK_CONFIG = {"seed": 0, "recovery": {"steps": 40}, "unlearning": {"max_epochs": 1, "refresh_steps": 5}}
+# Hang guards only: nothing is asserted about how long things take.
+PATIENCE_S = 900
+
+
+@pytest.fixture(scope="session")
+def backdoored_digits(tmp_path_factory) -> tuple[Path, Path]:
+    """A small CNN trained on 1,300 upscaled digits, 10% of them stamped with a BadNets patch
+    relabelled 0; and the defender's 497 clean digits."""
+    from bench.attacks import BadNets
+    from bench.datasets import digits
+    from bench.train import save_samples, train_classifier
+
+    # In the session's base directory: test directories that each import this fixture share
+    # one model instead of training it again.
+    folder = tmp_path_factory.getbasetemp() / "backdoored_digits"
+    model_path, samples_path = folder / "model.pt", folder / "clean.npz"
+    if not samples_path.exists():  # written last, so it says the model is complete
+        folder.mkdir(exist_ok=True)
+        x, y = digits()
+        poisoned_x, poisoned_y = BadNets(target=0, size=2).poison(x[:1300], y[:1300])
+        model = train_classifier("small_cnn", poisoned_x, poisoned_y, num_classes=10, epochs=8, lr=2e-3)
+        torch.jit.save(torch.jit.script(model), str(model_path))
+        save_samples(samples_path, x[1300:], y[1300:])
+    return model_path, samples_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + PATIENCE_S
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.5)
+    return result
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log: Path  # the server's and its worker's output
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def start_embedded_server(directory: Path, api_key: str) -> LiveServer:
+    """Runs `baerase serve --embedded` in ``directory`` (its data and serve.log go there) with
+    ``api_key`` registered, and waits until it is ready. Stop it with ``stop()``."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")}
+    env |= {"BAERASE_API_KEY": api_key, "PYTHONPATH": str(REPO)}
+    with open(directory / "serve.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--embedded", "--port", str(port)],
+                                   cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, directory / "serve.log")
+
+    def ready():
+        assert process.poll() is None, server.log_text()
+        try:
+            return httpx.get(f"{server.url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, "the server")
+    except BaseException:
+        server.stop()
+        raise
+    return server
