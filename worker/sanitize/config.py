@@ -28,7 +28,7 @@ class RecoveryConfig(Strict):
     mi_weight: float = Field(0.1, ge=0, description="alpha: weight of the MINE entropy term")
     hinge: float = Field(0.9, gt=0, le=1, description="beta: target probability that is enough")
     screen_ratio: float = Field(
-        0.5, gt=0, le=1, description="after a quarter of the steps, mask searches larger than "
+        0.5, gt=0, le=1, description="after 30% of the steps, mask searches larger than "
         "this share of the median size stop"
     )
     success_asr: float = Field(0.9, gt=0, le=1, description="ASR at which a trigger counts as found")
@@ -47,11 +47,11 @@ class UnlearningConfig(Strict):
     batch_size: int = Field(64, ge=4)
     lr: float = Field(0.01, gt=0)
     l1_anchor: float = Field(1e-6, ge=0, description="lambda of ||theta - theta0||_1")
-    asr_threshold: float = Field(0.02, ge=0, le=1, description="recovered ASR that counts as erased")
+    asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     refresh_steps: int = Field(10, ge=0, description="generator steps against the current model before each check")
     size_slack: float = Field(1.5, ge=1, description="refreshed masks may grow to this multiple of the recovered size")
-    checks_per_epoch: int = Field(1, ge=1)
-    patience: int = Field(2, ge=1, description="checks without a better checkpoint before stopping")
+    checks_per_epoch: int = Field(2, ge=1)
+    patience: int = Field(4, ge=1, description="checks without a better checkpoint before stopping")
 
 
 class SanitizeConfig(Strict):

@@ -269,14 +269,16 @@ class TriggerTrainer:
             for j, c in enumerate(rows):
                 self.asr[c] = 0.9 * self.asr[c] + 0.1 * hits[j].item()
                 self.size[c] = 0.9 * self.size[c] + 0.1 * size[j].item()
-                self.penalty[c] *= 1.05 if self.asr[c] >= cfg.success_asr else 1 / 1.1
+                self.penalty[c] *= 1.08 if self.asr[c] >= cfg.success_asr else 1 / 1.12
 
 
 def recover_triggers(model, family, x_train, y_train, x_hold, y_hold, num_classes: int,
                      cfg: RecoveryConfig, on_step=None) -> list[RecoveredTrigger]:
     """Train one generator per class for one family; return each class's held-out result.
 
-    Classes stop early (see stopping_classes); a stopped class keeps the generator it had.
+    Each class ends with the generator of its smallest trigger that still held the target (the
+    penalty schedule oscillates around that point, so the last step is rarely the best).
+    Classes stop early (see stopping_classes).
     """
     device = x_train.device
     generator = TriggerGenerator(num_classes, cfg.noise_dim, cfg.hidden, family.dim).to(device)
@@ -284,31 +286,38 @@ def recover_triggers(model, family, x_train, y_train, x_hold, y_hold, num_classe
     active = list(range(num_classes))
     best_size = torch.ones(num_classes)
     last_improved = torch.zeros(num_classes)
-    frozen: dict[int, list[torch.Tensor]] = {}
-    screening_step = cfg.steps // 4
+    best_state: dict[int, list[torch.Tensor]] = {}
+    screening_step = int(cfg.steps * 0.3)
 
     for step in range(cfg.steps):
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), device=device)
         trainer.step(model, x_train[idx], y_train[idx], active, active)
         for c in active:
-            if trainer.asr[c] >= cfg.success_asr and trainer.size[c] < best_size[c] * 0.98:
-                best_size[c], last_improved[c] = trainer.size[c], step
+            if trainer.asr[c] >= cfg.success_asr and trainer.size[c] < best_size[c]:
+                if trainer.size[c] < best_size[c] * 0.98:
+                    last_improved[c] = step
+                best_size[c] = trainer.size[c]
+                best_state[c] = [p.data[c].clone() for p in generator.parameters()]
         for c in stopping_classes(family.name, active, step, screening_step, trainer.asr,
                                   trainer.size, last_improved, cfg):
             active.remove(c)
-            frozen[c] = [p.data[c].clone() for p in generator.parameters()]
+            # Adam would keep moving a stopped row; keep what it had if nothing better was seen.
+            best_state.setdefault(c, [p.data[c].clone() for p in generator.parameters()])
         if on_step:
             on_step(step + 1, cfg.steps)
         if not active:
             break
 
     with torch.no_grad():
-        for c, values in frozen.items():  # undo Adam's drift on rows that had stopped
+        for c, values in best_state.items():
             for p, v in zip(generator.parameters(), values):
                 p.data[c] = v
     return [evaluate_generator(model, family, generator.select([c]), c, float(trainer.penalty[c]),
                                x_hold, y_hold)
             for c in range(num_classes)]
+
+
+SCREEN_KEEP = 3  # mask searches that always survive screening
 
 
 def stopping_classes(family: str, rows: list[int], step: int, screening_step: int, asr_ema,
@@ -319,17 +328,20 @@ def stopping_classes(family: str, rows: list[int], step: int, screening_step: in
       penalty kept rising meanwhile;
     - failed (patch, at screening): a fixed-size patch that cannot reach the target by now won't;
     - clearly clean (mask, at screening): a trigger still larger than a share of the median size
-      is no backdoor; only the small ones are worth the rest of the steps.
+      is no backdoor; only the small ones (and always the smallest few, as some backdoors need
+      more steps to stand out) are worth the rest of the steps.
     """
     stopped = []
     median = float(size_ema.median())
+    smallest = set(size_ema.argsort()[:SCREEN_KEEP].tolist())
     for c in rows:
         working = asr_ema[c] >= cfg.success_asr
         if working and step - last_improved[c] > 40:
             stopped.append(c)
         elif step == screening_step and family == "patch" and asr_ema[c] < 0.5:
             stopped.append(c)
-        elif step == screening_step and family == "mask" and size_ema[c] > cfg.screen_ratio * median:
+        elif (step == screening_step and family == "mask" and c not in smallest
+              and size_ema[c] > cfg.screen_ratio * median):
             stopped.append(c)
     return stopped
 
