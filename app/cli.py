@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = keys.add_parser("create", help="create an API key and print it")
     s.add_argument("--tenant", required=True, help="the tenant the key belongs to (created if new)")
     s.set_defaults(run=keys_create_command)
+
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--server", help="the service's URL (default: $BAERASE_SERVER, else "
                             "http://127.0.0.1:8000)")
