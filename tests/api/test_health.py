@@ -1,4 +1,4 @@
-"""Liveness, readiness, an unreachable database, the schema migrations and the API description."""
+"""Liveness, readiness, the schema migrations and the API description."""
 
 import uuid
 
@@ -71,14 +71,6 @@ def test_db_upgrade_command(tmp_path, monkeypatch, capsys):
     engine = create_engine(f"sqlite:///{tmp_path / 'baerase.db'}")
     assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
     engine.dispose()
-
-
-def test_an_unreachable_database_answers_503(tmp_path):
-    down = Settings(_env_file=None, data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:9/test")
-    with TestClient(create_app(down)) as client:
-        response = client.get("/jobs", headers={"Authorization": "Bearer some-key"})
-    assert response.status_code == 503 and response.headers["content-type"] == "application/problem+json"
-    assert response.headers["retry-after"] and "retry" in response.json()["detail"]
 
 
 def test_upgrading_from_the_first_schema_keeps_the_data(database_url):
