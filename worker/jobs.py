@@ -73,12 +73,12 @@ def this_worker() -> str:
 def work(sessions: Sessions, store: ArtifactStore, settings: Settings) -> None:
     """Runs queued jobs, oldest first, until interrupted, and sweeps now and then; any number of
     workers may share a database, since each job is claimed by an atomic update."""
-    from worker.sweeper import sweep
+    from worker.sweeper import try_sweep
 
     next_sweep = time.monotonic()
     while True:
         if time.monotonic() >= next_sweep:
-            sweep(sessions, settings, announce=None)  # polled, a requeued job needs no message
+            try_sweep(sessions, settings, announce=None)  # polled, a requeued job needs no message
             next_sweep = time.monotonic() + settings.sweep_interval_s
         try:
             with sessions() as session:
@@ -89,8 +89,11 @@ def work(sessions: Sessions, store: ArtifactStore, settings: Settings) -> None:
             job_id = None
         if job_id is None:
             time.sleep(settings.worker_poll_interval_s)
-        else:
+            continue
+        try:
             run_job(sessions, store, settings, job_id)
+        except UNAVAILABLE as e:  # for longer than db_retry_s: the sweeper settles the job later
+            log.warning("job %s: the database stayed unavailable: %s", job_id, str(e).splitlines()[0])
 
 
 def run_job(sessions: Sessions, store: ArtifactStore, settings: Settings,
@@ -120,10 +123,14 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     """Runs a claimed job to its end and records the outcome on its row (None: the claim was
     lost on the way, and nothing was recorded)."""
     job_id = job_claim.job_id
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        config = SanitizeConfig(**job.config)
-        model, samples = job.artifact(ArtifactRole.model), job.artifact(ArtifactRole.samples)
+
+    def read_job() -> tuple[SanitizeConfig, Artifact, Artifact]:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            return (SanitizeConfig(**job.config), job.artifact(ArtifactRole.model),
+                    job.artifact(ArtifactRole.samples))
+
+    config, model, samples = retry_while_unavailable(f"reading job {job_id}", read_job, settings.db_retry_s)
     with JobTracker(sessions, job_claim, settings.heartbeat_interval_s) as tracker, \
             tempfile.TemporaryDirectory(prefix="baerase-job-") as out:
         try:

@@ -45,6 +45,16 @@ def sweep(sessions: Sessions, settings: Settings, announce: Announce | None) -> 
     deliver_due(sessions, settings)
 
 
+def try_sweep(sessions: Sessions, settings: Settings, announce: Announce | None) -> None:
+    """One round that never raises: a sweeper that died would leave lost jobs running forever."""
+    try:
+        sweep(sessions, settings, announce)
+    except UNAVAILABLE as e:
+        log.warning("the database is unavailable (%s); sweeping again later", str(e).splitlines()[0])
+    except Exception:
+        log.exception("sweeping failed; trying again later")
+
+
 def recover_lost_jobs(sessions: Sessions, settings: Settings) -> list[uuid.UUID]:
     """Settles the running jobs whose worker is gone; returns those queued again."""
     now = utcnow()
@@ -107,10 +117,5 @@ def sweep_forever() -> None:
     settings = Settings()
     sessions, queue = make_sessions(make_engine(settings.database_url)), JobQueue(settings)
     while True:
-        try:
-            sweep(sessions, settings, queue.announce)
-        except UNAVAILABLE as e:
-            log.warning("the database is unavailable (%s); sweeping again later", str(e).splitlines()[0])
-        except Exception:  # a sweeper that died would leave lost jobs running forever
-            log.exception("sweeping failed; trying again later")
+        try_sweep(sessions, settings, queue.announce)
         time.sleep(settings.sweep_interval_s)
