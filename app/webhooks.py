@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # How long one delivery attempt may hold its claim on a message before another worker may try
 # it again (the attempt itself gives up after webhook_timeout_s).
 CLAIM_MARGIN_S = 60
-# Deliveries the sweeper attempts per round.
-BATCH = 50
+# Deliveries a sweep attempts at most: receivers that do not answer (webhook_timeout_s each)
+# must not hold up the sweeper's other duties for long.
+BATCH = 20
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
