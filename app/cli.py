@@ -64,9 +64,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from app.core.config import Settings
     from app.db import upgrade
+    from app.logging_setup import setup_logging, uvicorn_log_config
     from app.main import create_app
 
     settings = Settings()
+    setup_logging(settings.log_format, settings.log_level, "api")
     worker = None
     if args.embedded:
         upgrade(settings.database_url)
@@ -78,7 +80,8 @@ def serve_command(args: argparse.Namespace) -> int:
     # uvicorn re-raises SIGINT/SIGTERM once it has shut down: let both unwind to the finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                    **({"log_config": config} if (config := uvicorn_log_config(settings.log_format)) else {}))
     except KeyboardInterrupt:
         pass
     finally:
@@ -108,20 +111,30 @@ def print_embedded_help(settings, args: argparse.Namespace, worker_pid: int) -> 
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    import logging
     import os
     import signal
 
     from app.core.config import Settings
     from worker.devices import worker_devices
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    from app.logging_setup import setup_logging
+
     settings = Settings()
+    setup_logging(settings.log_format, settings.log_level, "worker")
     try:
         devices = worker_devices(args.device)
     except ValueError as e:
         return fail(str(e))
+    if settings.worker_metrics_port:
+        from app.metrics import start_worker_metrics
+
+        start_worker_metrics(settings.worker_metrics_port, devices)
     if settings.broker_url:
+        from celery.signals import setup_logging as celery_setup_logging
+
+        # Connected, this signal keeps Celery from replacing our handlers with its own format.
+        celery_setup_logging.connect(lambda **_: setup_logging(settings.log_format, settings.log_level,
+                                                               "worker"), weak=False)
         from worker.tasks import serve
 
         serve(devices)  # Celery handles SIGTERM: it lets the running jobs finish, then stops

@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.routes import health, jobs, webhooks
+from app.api.routes import health, jobs, metrics, webhooks
 from app.core.config import Settings
 from app.core.security import ensure_api_key
 from app.db import make_engine, make_sessions
+from app.metrics import make_registry
 from app.problems import install_problem_handlers
 from app.storage import LocalArtifactStore
 from app.ui.routes import router as ui_router
@@ -44,8 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
     app.state.store = LocalArtifactStore(settings.artifact_dir)
     app.state.job_queue = JobQueue(settings) if settings.broker_url else None
+    app.state.metrics = make_registry(sessions, __version__)
     install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(ui_router)
     app.include_router(webhooks.router)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db import UNAVAILABLE, retry_while_unavailable
+from app.logging_setup import job_context_from_db
 from app.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus, TriggerImage, utcnow
 from app.storage import ArtifactStore
 from app.webhooks import deliver_due, queue_webhook
@@ -100,11 +101,12 @@ def run_job(sessions: Sessions, store: ArtifactStore, settings: Settings,
             job_id: uuid.UUID) -> JobStatus | None:
     """Runs the job if it is still queued; returns its final status, or None if it was not
     queued (another worker took it, or it was cancelled or deleted) or was taken from us."""
-    job_claim = retry_while_unavailable(f"claiming job {job_id}", lambda: claim(sessions, job_id),
-                                        settings.db_retry_s)
-    if job_claim is None:
-        return None
-    return execute(sessions, store, settings, job_claim)
+    with job_context_from_db(sessions, job_id):  # every log line about it names the job and tenant
+        job_claim = retry_while_unavailable(f"claiming job {job_id}", lambda: claim(sessions, job_id),
+                                            settings.db_retry_s)
+        if job_claim is None:
+            return None
+        return execute(sessions, store, settings, job_claim)
 
 
 def claim(sessions: Sessions, job_id: uuid.UUID) -> Claim | None:

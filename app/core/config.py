@@ -6,6 +6,7 @@ production: the API then queues Celery tasks, and `baerase worker` runs them (wo
 """
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(30.0, gt=0, description="wait after the first failed "
                                         "delivery; doubled after each further one")
     webhook_timeout_s: float = Field(10.0, gt=0, description="how long a webhook receiver may take")
+    log_format: Literal["text", "json"] = Field("text", description="serve and worker logs: text, or "
+                                                "json (one object a line, with job_id and tenant)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="a worker serves "
+                                            "Prometheus metrics on this port; unset: none")
 
     @model_validator(mode="after")
     def fill_paths(self):
