@@ -19,8 +19,8 @@ def run(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     attack = BadNets(target=0)
     model_path, samples_path = out / "backdoored.pt", out / "clean_samples.npz"
-    print("training a backdoored small CNN on 20,000 Fashion-MNIST images (BadNets, target 0)...")
-    model = backdoored_fashion_mnist("small_cnn", attack, train_size=20_000, epochs=2)
+    print("training a backdoored small CNN on 40,000 Fashion-MNIST images (BadNets, target 0)...")
+    model = backdoored_fashion_mnist("small_cnn", attack, train_size=40_000, epochs=3)
     torch.jit.save(torch.jit.script(model), str(model_path))
     x, y = fashion_mnist("train")
     save_samples(samples_path, x[50_000:53_000], y[50_000:53_000])  # the defender's 3,000 clean images

@@ -3,10 +3,8 @@ backdoored model to give it, shared by the end-to-end tests of the service and o
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +12,11 @@ import httpx
 import pytest
 import torch
 
+from tests.api.support import PATIENCE_S, free_port, wait_for  # noqa: F401  (re-exported)
+
 REPO = Path(__file__).resolve().parents[1]
 # Small settings: these tests are about the service, not about the quality of the sanitization.
 QUICK_CONFIG = {"seed": 0, "unlearning": {"max_epochs": 2}}
-# Hang guards only: nothing is asserted about how long things take.
-PATIENCE_S = 900
 
 
 @pytest.fixture(scope="session")
@@ -41,20 +39,6 @@ def backdoored_digits(tmp_path_factory) -> tuple[Path, Path]:
         torch.jit.save(torch.jit.script(model), str(model_path))
         save_samples(samples_path, x[1300:], y[1300:])
     return model_path, samples_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + PATIENCE_S
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.5)
-    return result
 
 
 @dataclass
