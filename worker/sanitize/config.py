@@ -36,7 +36,7 @@ class RecoveryConfig(Strict):
 
 class DetectionConfig(Strict):
     anomaly_index: float = Field(2.0, gt=0, description="MAD anomaly index that flags a class")
-    min_asr: float = Field(0.8, gt=0, le=1, description="held-out ASR a flagged class must reach")
+    min_asr: float = Field(0.6, gt=0, le=1, description="held-out ASR a flagged class must reach")
     max_size_ratio: float = Field(
         0.2, gt=0, le=1, description="a flagged trigger is at most this share of the median size"
     )

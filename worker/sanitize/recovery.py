@@ -236,8 +236,9 @@ class TriggerTrainer:
         ], lr=cfg.lr, betas=(0.5, 0.999))
         self.opt_t = torch.optim.Adam(self.mine.statistics.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.penalty = torch.full((k,), penalty, device=device)
-        self.asr = torch.zeros(k)
+        self.asr = torch.zeros(k)  # moving averages
         self.size = torch.ones(k)
+        self.batch_asr = torch.zeros(k)  # of the last step alone
 
     def step(self, model, x: torch.Tensor, y: torch.Tensor, rows: list[int], targets: list[int]):
         """One update of the generators in ``rows``, whose target classes are ``targets``."""
@@ -267,6 +268,7 @@ class TriggerTrainer:
         with torch.no_grad():
             hits = ((logits.argmax(-1) == target).float() * others).sum(1) / count
             for j, c in enumerate(rows):
+                self.batch_asr[c] = hits[j].item()
                 self.asr[c] = 0.9 * self.asr[c] + 0.1 * hits[j].item()
                 self.size[c] = 0.9 * self.size[c] + 0.1 * size[j].item()
                 self.penalty[c] *= 1.08 if self.asr[c] >= cfg.success_asr else 1 / 1.12
@@ -293,7 +295,10 @@ def recover_triggers(model, family, x_train, y_train, x_hold, y_hold, num_classe
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), device=device)
         trainer.step(model, x_train[idx], y_train[idx], active, active)
         for c in active:
-            if trainer.asr[c] >= cfg.success_asr and trainer.size[c] < best_size[c]:
+            # The average lags: while a mask collapses it still looks fine, so the last batch
+            # must hold the target too.
+            working = min(trainer.asr[c], trainer.batch_asr[c]) >= cfg.success_asr
+            if working and trainer.size[c] < best_size[c]:
                 if trainer.size[c] < best_size[c] * 0.98:
                     last_improved[c] = step
                 best_size[c] = trainer.size[c]
