@@ -196,7 +196,12 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
             trigger_files.append({"class": trigger.target, "family": trigger.family.name,
                                   "kind": kind, "file": f"triggers/{name}"})
     timings["total"] = time.perf_counter() - started
-    clean_before = result.before.clean_accuracy if result else None
+    if result:
+        clean_accuracy = {"before": result.before.clean_accuracy, "after": result.after.clean_accuracy}
+    else:  # the model is untouched: held-out accuracy is the same before and after
+        held_out = sum((model(xb).argmax(1) == yb).sum().item()
+                       for xb, yb in zip(x_hold.split(500), y_hold.split(500))) / len(y_hold)
+        clean_accuracy = {"before": held_out, "after": held_out}
     report = {
         "backdoor_detected": bool(triggers),
         "detected_targets": [t.target for t in triggers],
@@ -206,10 +211,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
              "flagged": s.flagged}
             for s in scores
         ],
-        "clean_accuracy": {
-            "before": clean_before if result else None,
-            "after": result.after.clean_accuracy if result else None,
-        },
+        "clean_accuracy": clean_accuracy,
         "recovered_asr": {
             str(t.target): {"before": result.before.recovered_asr[t.target],
                             "after": result.after.recovered_asr[t.target]}
@@ -230,10 +232,6 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         "versions": {"baerase": __version__, "torch": torch.__version__,
                      "python": platform.python_version(), "device": str(device)},
     }
-    if not result:  # held-out accuracy is the same before and after: the model is untouched
-        hold_acc = sum((model(xb).argmax(1) == yb).sum().item()
-                       for xb, yb in zip(x_hold.split(500), y_hold.split(500))) / len(y_hold)
-        report["clean_accuracy"] = {"before": hold_acc, "after": hold_acc}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     report_progress("report", 1.0, "done")
     return report
