@@ -29,7 +29,7 @@ pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=Tr
 
 FAST = {"recovery": {"steps": 10, "families": ["patch"]}, "unlearning": {"max_epochs": 1}}
 # Long enough to be caught in its recovery stage: several seconds of it.
-SLOW = {"recovery": {"steps": 60, "families": ["patch"]}, "unlearning": {"max_epochs": 1}}
+SLOW = {"recovery": {"steps": 400, "families": ["mask"]}, "unlearning": {"max_epochs": 1}}
 # Short intervals so that the tests do not wait long; the heartbeat timeout still leaves room
 # for a loaded machine to delay a heartbeat or two.
 TIMINGS = {"heartbeat_interval_s": 1, "heartbeat_timeout_s": 10, "sweep_interval_s": 0.5,
