@@ -1,0 +1,33 @@
+"""Steps several baseline defenses share."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy the defense may change; the model it was given stays as it was."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 0.01,
+              batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0) -> nn.Module:
+    """SGD (momentum 0.9, cosine schedule) on the defender's clean set, BatchNorm in training
+    mode, as BackdoorBench fine-tunes. Changes ``model`` in place and returns it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            schedule.step()
+    return model.eval()
