@@ -6,11 +6,12 @@ Trigger = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Attack:
-    """Dirty-label all-to-one poisoning: a share of the training images get the trigger and the
+    """Dirty-label all-to-one poisoning: a share of the training images get a trigger and its
     target label. Subclasses define ``apply`` (stamp the trigger on a batch in [0, 1]).
 
-    Attacks that poison differently (clean-label, several triggers, extra noise samples) override
-    ``poison``; attacks whose trigger is computed from a clean model (TrojanNN) set
+    Attacks that poison differently (clean-label, extra noise samples) override ``poison``;
+    attacks with several triggers override ``triggers`` and the poisoned share is split evenly
+    among them; attacks whose trigger is computed from a clean model (TrojanNN) set
     ``needs_clean_model`` and compute it in ``fit``. Evaluation reads ``triggers()``: one
     (stamp, target) pair per trigger.
     """
@@ -30,10 +31,15 @@ class Attack:
     def triggers(self) -> list[tuple[Trigger, int]]:
         return [(self.apply, self.target)]
 
+    def shuffled(self, n: int) -> torch.Tensor:
+        """A random order of ``n`` indices, the same for every call: poisoning is reproducible."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+
     def poison(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed)
-        chosen = torch.randperm(len(x), generator=g)[: int(self.poison_rate * len(x))]
+        chosen = self.shuffled(len(x))[: int(self.poison_rate * len(x))]
+        triggers = self.triggers()
         x, y = x.clone(), y.clone()
-        x[chosen] = self.apply(x[chosen])
-        y[chosen] = self.target
+        for idx, (stamp, target) in zip(chosen.tensor_split(len(triggers)), triggers):
+            x[idx] = stamp(x[idx])
+            y[idx] = target
         return x, y
