@@ -6,8 +6,12 @@ An attack is evaluation-side knowledge only: the defense never sees it (no oracl
 from .base import Attack
 from .badnets import BadNets
 from .blended import Blended
-from .trojan import TrojanWatermark
+from .multi import MultiTrigger
+from .sig import SIG
+from .trojan import TrojanNN
+from .wanet import WaNet
 
-ATTACKS = {"badnets": BadNets, "blended": Blended, "trojan": TrojanWatermark}
+ATTACKS = {"badnets": BadNets, "blended": Blended, "trojan": TrojanNN, "sig": SIG,
+           "wanet": WaNet, "multi": MultiTrigger}
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "TrojanWatermark"]
+__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "MultiTrigger", "SIG", "TrojanNN", "WaNet"]
