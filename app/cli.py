@@ -413,10 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     s.add_argument("--json", action="store_true", help="the jobs as the API returns them")
     s.set_defaults(run=jobs_command)
+
+    # Listed for --help only: main() hands `baerase bench ...` to bench/run.py's own parser.
+    commands.add_parser("bench", help="backdoor models, run every defense, write docs/benchmarks.md "
+                        "(baerase bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.run import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -12,7 +12,8 @@ import torch
 from app.cli import main as baerase
 from bench.attacks import BadNets
 from bench.datasets import fashion_mnist
-from bench.train import accuracy, attack_success_rate, backdoored_fashion_mnist, save_samples
+from bench.metrics import evaluate
+from bench.train import backdoored_fashion_mnist, save_samples
 
 
 def run(out: Path) -> None:
@@ -31,8 +32,8 @@ def run(out: Path) -> None:
     xt, yt = fashion_mnist("test")
     sanitized = torch.jit.load(str(out / "sanitized" / "model.pt"))
     for name, m in (("before", model), ("after", sanitized)):
-        print(f"{name}: clean accuracy {accuracy(m, xt, yt):.2%}, "
-              f"true trigger ASR {attack_success_rate(m, attack, xt, yt):.2%}")
+        metrics = evaluate(m, attack, xt, yt)
+        print(f"{name}: clean accuracy {metrics['ca']:.2%}, true trigger ASR {metrics['asr']:.2%}")
     print(f"sanitized model, report and trigger images: {out / 'sanitized'}")
 
 

@@ -1,4 +1,4 @@
-"""Training (backdoored) classifiers for the bench and the tests, and measuring them."""
+"""Training (backdoored) classifiers for the bench and the tests."""
 
 import torch
 import torch.nn.functional as F
@@ -19,23 +19,6 @@ def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: i
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    model.eval()
-    correct = sum((model(xb).argmax(1) == yb).sum().item()
-                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / max(1, len(y))
-
-
-@torch.no_grad()
-def attack_success_rate(model, attack, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of triggered non-target test images the model puts in the target class."""
-    keep = y != attack.target
-    triggered = attack.apply(x[keep])
-    target = torch.full((int(keep.sum()),), attack.target)
-    return accuracy(model, triggered, target)
 
 
 def backdoored_fashion_mnist(arch: str, attack, train_size: int, epochs: int, seed: int = 0):

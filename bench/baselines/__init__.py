@@ -1,0 +1,26 @@
+"""Defenses the bench compares. Each module has
+
+    defend(model, x, y, num_classes, *, seed=0, quick=False) -> a new defended model
+
+where (x, y) is the defender's clean set and ``quick`` runs every step of the method on tiny
+settings (the test suite's path). The defense never sees the attack."""
+
+import importlib
+from collections.abc import Callable
+
+# Bench name -> (label in the table, module). Imported on use: a run of one defense loads one.
+DEFENSES: dict[str, tuple[str, str]] = {
+    "ft": ("FT", "finetune"),
+    "fp": ("FP", "fine_pruning"),
+    "nc": ("NC", "neural_cleanse"),
+    "i-bau": ("i-BAU", "ibau"),
+    "anp": ("ANP", "anp"),
+    "baerase-paper": ("BAERASE-paper", "baerase_paper"),
+    "baerase": ("BAERASE", "baerase"),
+}
+
+
+def get_defense(name: str) -> Callable:
+    if name not in DEFENSES:
+        raise KeyError(f"unknown defense {name!r}; known: {', '.join(DEFENSES)}")
+    return importlib.import_module(f"{__name__}.{DEFENSES[name][1]}").defend

@@ -1,0 +1,27 @@
+"""BAERASE, ours: exactly the pipeline `baerase sanitize` and the service's workers run, through
+the same files (a TorchScript model and an .npz of clean samples) and the default settings."""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from worker.sanitize.config import SanitizeConfig
+from worker.sanitize.pipeline import sanitize
+
+from ..train import save_samples
+
+# Every stage still runs, on a few steps, so the bench's quick path exercises the whole pipeline.
+QUICK = {"recovery": {"steps": 20}, "unlearning": {"max_epochs": 1}}
+
+
+def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+           seed: int = 0, quick: bool = False) -> nn.Module:
+    config = SanitizeConfig(seed=seed, device="cpu", num_classes=num_classes, **(QUICK if quick else {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, samples_path, out = Path(tmp, "model.pt"), Path(tmp, "samples.npz"), Path(tmp, "out")
+        torch.jit.save(torch.jit.script(model), str(model_path))
+        save_samples(samples_path, x, y)
+        sanitize(model_path, samples_path, out, config)
+        return torch.jit.load(str(out / "model.pt")).eval()
