@@ -86,11 +86,11 @@ class CostSchedule:
             self.best_mask, self.best_pattern = mask.clone(), pattern.clone()
         better = works & (norm < self.best_norm) & ~self.stopped
         self.best_norm = torch.where(better, norm, self.best_norm)
-        self.best_mask[better], self.best_pattern[better] = mask[better], pattern[better]
+        self.best_mask[better] = mask[better]
+        self.best_pattern[better] = pattern[better]
 
-        found = self.best_norm.isfinite()
         improved = self.best_norm < s.early_stop_threshold * self.stale_norm
-        self.stale = torch.where(found & ~improved, self.stale + 1, torch.where(found, 0, self.stale))
+        self.stale = torch.where(improved, 0, self.stale + 1)
         self.stale_norm = torch.minimum(self.stale_norm, self.best_norm)
         self.stopped |= self.raised & self.lowered & (self.stale >= s.early_stop_patience)
 
