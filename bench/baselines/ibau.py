@@ -43,10 +43,11 @@ class Settings:
     radius: float = 10.0  # L2 ball delta is held in
     inner_step: float = 0.1  # step of the inner solver map Phi
     portion: float = 0.01  # share of each outer batch that carries delta
+    images: int | None = None  # use only the first N clean images (quick runs)
 
 
 FULL = Settings()
-QUICK = Settings(rounds=1, fixed_point_iters=2, batch_size=64)
+QUICK = Settings(rounds=1, fixed_point_iters=2, batch_size=64, images=128)
 
 
 def universal_perturbation(model: nn.Module, batches: list[torch.Tensor], s: Settings) -> torch.Tensor:
@@ -104,6 +105,7 @@ def zero_if_none(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0,
            quick: bool = False) -> nn.Module:
     s = QUICK if quick else FULL
+    x, y = x[:s.images], y[:s.images]
     rng = torch.Generator().manual_seed(seed)
     model = trainable_copy(model).eval()  # BatchNorm statistics stay frozen, as in the released code
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
