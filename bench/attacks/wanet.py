@@ -6,6 +6,10 @@ upsampled bicubically to H x W, scaled by the strength s and added to the identi
 otherwise learn "any warp -> target"; the paper's noise mode prevents that: a further
 cross_ratio x poison_rate share of the training images get the warp plus a random per-image
 perturbation of the grid, and keep their true labels.
+
+The strength defaults to 1.0, twice the paper's 0.5 (still under a pixel of displacement): the
+bench trains for 3 epochs, not hundreds, and on Fashion-MNIST (small CNN, 10% poisoning) s = 0.5
+reached only 30% ASR where s = 1.0 reaches 60%.
 """
 
 import torch
@@ -17,7 +21,7 @@ from .base import Attack
 class WaNet(Attack):
     name = "wanet"
 
-    def __init__(self, k: int = 4, strength: float = 0.5, cross_ratio: float = 2, **kwargs):
+    def __init__(self, k: int = 4, strength: float = 1.0, cross_ratio: float = 2, **kwargs):
         super().__init__(**kwargs)
         self.k, self.strength, self.cross_ratio = k, strength, cross_ratio
 
