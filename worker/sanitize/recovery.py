@@ -10,10 +10,12 @@ different valid triggers instead of collapsing onto one:
 All K generators are trained together: one step stamps every class's triggers on the same clean
 batch and runs the model once over the K stacked copies.
 
-Two trigger families (the paper's random-position patch cannot express fixed-position, blended or
+Three trigger families (the paper's random-position patch cannot express fixed-position, blended or
 full-image triggers):
 - PatchFamily: a k x k patch pasted at a random position of each image (position-invariant triggers);
-- MaskFamily: a full-image mask m and pattern p, x' = (1 - m) x + m p, with an L1 penalty on m.
+- MaskFamily: a full-image mask m and pattern p, x' = (1 - m) x + m p, with an L1 penalty on m;
+- BlendFamily: x' = (1 - a) x + a p, one blend factor a per class over a full-image pattern p,
+  penalised like the mask (faint triggers spread over the whole image).
 """
 
 import math
@@ -50,16 +52,18 @@ class TriggerGenerator(nn.Module):
     """K MLP generators. As in MESA, the noise is cut into one chunk per layer and fed to each.
 
     The output is sigmoid(base + MLP(z)): ``base`` is each class's central trigger, learnt at a
-    high rate as in Neural Cleanse's direct search, and the MLP spreads triggers around it.
+    high rate as in Neural Cleanse's direct search, and the MLP spreads triggers around it. The
+    first ``fixed`` outputs are sigmoid(base) alone, the same for every z (the blend factor).
     """
 
-    def __init__(self, k: int, noise_dim: int, hidden: int, out_dim: int, layers: int = 3):
+    def __init__(self, k: int, noise_dim: int, hidden: int, out_dim: int, layers: int = 3,
+                 fixed: int = 0):
         super().__init__()
-        self.noise_dim, self.chunk = noise_dim, noise_dim // layers
+        self.noise_dim, self.chunk, self.fixed = noise_dim, noise_dim // layers, fixed
         self.base = nn.Parameter(torch.zeros(k, 1, out_dim))
         widths = [0] + [hidden] * (layers - 1)
         self.layers = nn.ModuleList(
-            BatchedLinear(k, widths[i] + self.chunk, hidden if i < layers - 1 else out_dim,
+            BatchedLinear(k, widths[i] + self.chunk, hidden if i < layers - 1 else out_dim - fixed,
                           scale=1.0 if i < layers - 1 else 0.1)
             for i in range(layers)
         )
@@ -73,6 +77,7 @@ class TriggerGenerator(nn.Module):
             h = layer(chunk if h is None else torch.cat([h, chunk], -1), rows)
             if i < len(self.layers) - 1:
                 h = F.leaky_relu(h, 0.2)
+        h = F.pad(h, (self.fixed, 0))
         return torch.sigmoid(h + (self.base if rows is None else self.base[rows]))
 
     def noise(self, k: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,7 +87,7 @@ class TriggerGenerator(nn.Module):
     def select(self, rows: list[int]) -> "TriggerGenerator":
         part = TriggerGenerator.__new__(TriggerGenerator)
         nn.Module.__init__(part)
-        part.noise_dim, part.chunk = self.noise_dim, self.chunk
+        part.noise_dim, part.chunk, part.fixed = self.noise_dim, self.chunk, self.fixed
         part.base = nn.Parameter(self.base.data[rows].clone())
         part.layers = nn.ModuleList(layer.select(rows) for layer in self.layers)
         return part.to(self.layers[0].weight.device)
@@ -134,6 +139,8 @@ class PatchFamily:
     """A k x k x C patch pasted at a uniformly random position of every image."""
 
     name = "patch"
+    scale = "area"  # a patch is a mask of fixed size, placed anywhere
+    fixed_dim = 0  # leading trigger values that are the same for all of a class's triggers
 
     def __init__(self, shape: tuple[int, int, int], patch_size: int):
         self.channels, self.height, self.width = shape
@@ -168,30 +175,50 @@ class MaskFamily:
     """x' = (1 - m) * x + m * p, with a full-image mask m (H x W) and pattern p (C x H x W)."""
 
     name = "mask"
+    scale = "area"  # what size measures: detection compares sizes of one scale only
+    uniform = False  # one mask value for the whole image (the blend family)
+    fixed_dim = 0
 
     def __init__(self, shape: tuple[int, int, int], max_size: float | None = None):
         self.channels, self.height, self.width = shape
-        self.pixels = self.height * self.width
-        self.dim = self.pixels * (1 + self.channels)
-        self.max_size = max_size  # masks larger than this share of the image are scaled down
+        self.mask_shape = (1, 1) if self.uniform else (self.height, self.width)
+        self.mask_dim = math.prod(self.mask_shape)
+        self.dim = self.mask_dim + self.channels * self.height * self.width
+        self.max_size = max_size  # masks larger than this (mean) are scaled down
 
     def stamp(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         parts = self.split(t)
         return x + parts["mask"] * (parts["pattern"] - x)
 
     def size(self, t: torch.Tensor) -> torch.Tensor:
-        size = t[..., : self.pixels].mean(-1)
+        size = t[..., : self.mask_dim].mean(-1)
         return size if self.max_size is None else size.clamp(max=self.max_size)
 
     def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = t[..., : self.pixels].reshape(-1, 1, self.height, self.width)
+        mask = t[..., : self.mask_dim].reshape(-1, 1, *self.mask_shape)
         if self.max_size is not None:
             mask = mask * (self.max_size / mask.mean((1, 2, 3), keepdim=True)).clamp(max=1)
-        pattern = t[..., self.pixels:].reshape(-1, self.channels, self.height, self.width)
+        pattern = t[..., self.mask_dim:].reshape(-1, self.channels, self.height, self.width)
         return {"mask": mask, "pattern": pattern}
 
     def capped(self, max_size: float) -> "MaskFamily":
-        return MaskFamily((self.channels, self.height, self.width), max_size)
+        return type(self)((self.channels, self.height, self.width), max_size)
+
+
+class BlendFamily(MaskFamily):
+    """x' = (1 - a) * x + a * p: one blend factor a for the whole image and a full pattern p.
+
+    The mask family with a 1 x 1 mask broadcast over the image, so its size is a. A blended
+    trigger (a faint pattern over every pixel) is a large mask by L1 and never stands out there;
+    measured by its blend factor, a backdoor target needs a far fainter pattern than other classes.
+    """
+
+    name = "blend"
+    scale = "blend factor"
+    uniform = True
+    # One blend factor per class, not per z: noise-driven blend factors swing with the MLP and
+    # give MINE an easy, useless source of diversity; the patterns still vary with z.
+    fixed_dim = 1
 
 
 @dataclass
@@ -283,7 +310,8 @@ def recover_triggers(model, family, x_train, y_train, x_hold, y_hold, num_classe
     Classes stop early (see stopping_classes).
     """
     device = x_train.device
-    generator = TriggerGenerator(num_classes, cfg.noise_dim, cfg.hidden, family.dim).to(device)
+    generator = TriggerGenerator(num_classes, cfg.noise_dim, cfg.hidden, family.dim,
+                                 fixed=family.fixed_dim).to(device)
     trainer = TriggerTrainer(generator, family, cfg, cfg.mask_penalty)
     active = list(range(num_classes))
     best_size = torch.ones(num_classes)
@@ -331,22 +359,27 @@ def stopping_classes(family: str, rows: list[int], step: int, screening_step: in
 
     - converged: the trigger holds the target and has not shrunk for 40 steps although the size
       penalty kept rising meanwhile;
-    - failed (patch, at screening): a fixed-size patch that cannot reach the target by now won't;
-    - clearly clean (mask, at screening): a trigger still larger than a share of the median size
-      is no backdoor; only the small ones (and always the smallest few, as some backdoors need
-      more steps to stand out) are worth the rest of the steps.
+    - failed (at screening): a search that cannot reach half the images by now won't; a
+      fixed-size patch cannot grow, and a mask or blend that does not work has no size to compare;
+    - clearly clean (mask and blend, at screening): a trigger still larger than a share of the
+      median size is no backdoor; only the small ones (and always the smallest few, as some
+      backdoors need more steps to stand out) are worth the rest of the steps. Failed searches
+      count as needing the whole image, as in detection: shrinking a mask that does not work
+      is no sign of a backdoor.
     """
     stopped = []
-    median = float(size_ema.median())
-    smallest = set(size_ema.argsort()[:SCREEN_KEEP].tolist())
+    failed = asr_ema < 0.5
+    sizes = torch.where(failed, 1.0, size_ema)
+    median = float(sizes.median())
+    smallest = set(sizes.argsort()[:SCREEN_KEEP].tolist())
     for c in rows:
         working = asr_ema[c] >= cfg.success_asr
         if working and step - last_improved[c] > 40:
             stopped.append(c)
-        elif step == screening_step and family == "patch" and asr_ema[c] < 0.5:
+        elif step == screening_step and failed[c]:
             stopped.append(c)
-        elif (step == screening_step and family == "mask" and c not in smallest
-              and size_ema[c] > cfg.screen_ratio * median):
+        elif (step == screening_step and family != "patch" and c not in smallest
+              and sizes[c] > cfg.screen_ratio * median):
             stopped.append(c)
     return stopped
 
