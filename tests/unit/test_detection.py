@@ -1,10 +1,12 @@
+import math
+
 import pytest
 
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import anomaly_indices, detect_targets
-from worker.sanitize.recovery import MaskFamily, PatchFamily, RecoveredTrigger
+from worker.sanitize.recovery import BlendFamily, MaskFamily, PatchFamily, RecoveredTrigger
 
-MASK, PATCH = MaskFamily((1, 8, 8)), PatchFamily((1, 8, 8), 3)
+MASK, PATCH, BLEND = MaskFamily((1, 8, 8)), PatchFamily((1, 8, 8), 3), BlendFamily((1, 8, 8))
 
 
 def result(target, size, asr, family=MASK):
@@ -47,6 +49,27 @@ def test_best_family_is_the_smallest_that_works():
     assert [s.target for s in scores if s.flagged] == [4]
     assert scores[4].family == "patch"
     assert {s.family for s in scores if s.target != 4} == {"mask"}
+
+
+def test_blend_factors_are_compared_among_themselves():
+    # Class 3's blend factor is tiny among blend factors, but larger than every class's mask:
+    # ranked with the masks it would pass unnoticed.
+    masks = [0.1, 0.12, 0.09, 0.11, 0.1, 0.13, 0.1, 0.12]
+    blends = [0.5, 0.55, 0.45, 0.06, 0.5, 0.6, 0.52, 0.48]
+    per_class = [[result(c, m, 0.95), result(c, b, 0.95, BLEND)]
+                 for c, (m, b) in enumerate(zip(masks, blends))]
+    scores = detect_targets(per_class, DetectionConfig())
+    assert [s.target for s in scores if s.flagged] == [3]
+    assert scores[3].family == "blend" and math.isclose(scores[3].size, 0.06)
+
+
+def test_a_class_flagged_on_any_scale_is_a_target():
+    masks = [0.3, 0.35, 0.02, 0.3, 0.4, 0.33, 0.31, 0.29]
+    blends = [0.5, 0.55, 0.45, 0.06, 0.5, 0.6, 0.52, 0.48]
+    per_class = [[result(c, m, 0.95), result(c, b, 0.95, BLEND)]
+                 for c, (m, b) in enumerate(zip(masks, blends))]
+    scores = detect_targets(per_class, DetectionConfig())
+    assert [(s.target, s.family) for s in scores if s.flagged] == [(2, "mask"), (3, "blend")]
 
 
 @pytest.mark.parametrize("n", [2, 3])
