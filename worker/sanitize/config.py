@@ -16,7 +16,7 @@ class Strict(BaseModel):
 
 
 class RecoveryConfig(Strict):
-    families: list[Literal["patch", "mask"]] = ["patch", "mask"]
+    families: list[Literal["patch", "mask", "blend"]] = ["patch", "mask", "blend"]
     patch_size: int | None = Field(None, ge=1, description="side of the patch trigger; default ~H/9")
     steps: int = Field(200, ge=10, description="most generator steps per family")
     batch_size: int = Field(16, ge=4, description="clean images per class per step")
@@ -24,12 +24,12 @@ class RecoveryConfig(Strict):
     hidden: int = Field(256, ge=16)
     lr: float = Field(0.01, gt=0, description="learning rate of the generators' MLPs")
     base_lr: float = Field(0.1, gt=0, description="learning rate of each class's central trigger")
-    mask_penalty: float = Field(1.0, ge=0, description="lambda: weight of the mask size penalty")
+    mask_penalty: float = Field(1.0, ge=0, description="lambda: starting weight of the mask and blend size penalty")
     mi_weight: float = Field(0.1, ge=0, description="alpha: weight of the MINE entropy term")
     hinge: float = Field(0.9, gt=0, le=1, description="beta: target probability that is enough")
     screen_ratio: float = Field(
-        0.5, gt=0, le=1, description="after 30% of the steps, mask searches larger than "
-        "this share of the median size stop"
+        0.5, gt=0, le=1, description="after 30% of the steps, mask and blend searches "
+        "larger than this share of the median size stop"
     )
     success_asr: float = Field(0.9, gt=0, le=1, description="ASR at which a trigger counts as found")
 
@@ -49,7 +49,7 @@ class UnlearningConfig(Strict):
     l1_anchor: float = Field(1e-6, ge=0, description="lambda of ||theta - theta0||_1")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     refresh_steps: int = Field(10, ge=0, description="generator steps against the current model before each check")
-    size_slack: float = Field(1.5, ge=1, description="refreshed masks may grow to this multiple of the recovered size")
+    size_slack: float = Field(1.5, ge=1, description="refreshed masks and blend factors may grow to this multiple of the recovered size")
     checks_per_epoch: int = Field(2, ge=1)
     patience: int = Field(4, ge=1, description="checks without a better checkpoint before stopping")
 

@@ -40,7 +40,9 @@ def trigger_pictures(trigger: RecoveredTrigger, clean: torch.Tensor, seed: int =
     samples = trigger.sample(len(clean), noise)
     parts = trigger.family.split(samples[:1])
     pictures = {"pattern": to_png(parts["pattern"][0])}
-    if "mask" in parts:
+    # A blend family's mask is one number (the report's trigger size), no picture: its pattern
+    # is shown as it is, since the faint blend would be too dark to see.
+    if "mask" in parts and parts["mask"][0].numel() > 1:
         pictures["mask"] = to_png(parts["mask"][0])
         # What the trigger adds to an image: the pattern where the mask is on.
         pictures["pattern"] = to_png(parts["pattern"][0] * parts["mask"][0])

@@ -23,7 +23,7 @@ from .detection import detect_targets
 from .errors import InputError
 from .images import trigger_pictures
 from .loading import LoadedModel, Samples, load_model, load_samples, save_model
-from .recovery import MaskFamily, PatchFamily, default_patch_size, recover_triggers
+from .recovery import BlendFamily, MaskFamily, PatchFamily, default_patch_size, recover_triggers
 from .unlearning import unlearn
 
 Progress = Callable[[str, float, str], None]
@@ -151,7 +151,8 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     t0 = time.perf_counter()
     shape = tuple(samples.x.shape[1:])
     patch_size = config.recovery.patch_size or default_patch_size(shape[1], shape[2])
-    families = {"patch": PatchFamily(shape, patch_size), "mask": MaskFamily(shape)}
+    families = {"patch": PatchFamily(shape, patch_size), "mask": MaskFamily(shape),
+                "blend": BlendFamily(shape)}
     chosen = [families[name] for name in config.recovery.families]
     per_class = [[] for _ in range(num_classes)]
     for i, family in enumerate(chosen):

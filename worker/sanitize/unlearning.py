@@ -115,6 +115,7 @@ def augmented_stamp(trigger: RecoveredTrigger, x: torch.Tensor) -> torch.Tensor:
     if "mask" not in parts:  # a patch already lands at random positions
         return trigger.family.stamp(x, t)
     mask, pattern = parts["mask"], parts["pattern"]
+    # A blend factor (a 1 x 1 mask) does not grow; its full-image pattern shifts like any other.
     grow = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
     mask = torch.where(grow, F.max_pool2d(mask, 3, stride=1, padding=1), mask)
     dy, dx = torch.randint(-1, 2, (2,)).tolist()
