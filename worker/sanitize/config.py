@@ -52,6 +52,10 @@ class UnlearningConfig(Strict):
     size_slack: float = Field(1.5, ge=1, description="refreshed masks and blend factors may grow to this multiple of the recovered size")
     checks_per_epoch: int = Field(2, ge=1)
     patience: int = Field(4, ge=1, description="checks without a better checkpoint before stopping")
+    accuracy_tolerance: float = Field(
+        0.05, ge=0, le=1, description="patience only runs out once a checkpoint is within this "
+        "much of the original held-out accuracy"
+    )
 
 
 class SanitizeConfig(Strict):

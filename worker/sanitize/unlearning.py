@@ -220,7 +220,10 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_hold, y
             best, since_best = (check, good_state), 0
         elif best is not None:
             since_best += 1
-            if since_best >= cfg.patience:
+            # A checkpoint that erased the backdoor by wrecking accuracy is no reason to stop:
+            # accuracy comes back with further joint steps, so go on while the best is poor.
+            good_enough = best[0].clean_accuracy >= before.clean_accuracy - cfg.accuracy_tolerance
+            if since_best >= cfg.patience and good_enough:
                 break
 
     chosen, state = best or fallback
