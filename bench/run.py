@@ -156,7 +156,7 @@ def git_commit() -> str:
 
 
 def machine() -> str:
-    return (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+    return (f"{platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only")
 
 
@@ -168,6 +168,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACK_SETTINGS), help="only these attacks")
     parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), help="only these defenses")
     parser.add_argument("--fresh", action="store_true", help="recompute the selected rows even if cached")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rewrite the table and plot from the cached results")
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"),
                         help="trained models and per-row results (default .cache/bench)")
     parser.add_argument("--out", type=Path, help="where benchmarks.md and benchmarks.png go "
@@ -182,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     suite = suite_as_run(args.suite, args.quick)
     data = suite.data()
     results = args.cache / "results" / (args.suite + ("-quick" if args.quick else ""))
-    run(suite, data, results, args.cache, archs=args.archs or suite.archs, attacks=args.attacks or suite.attacks,
-        defenses=args.defenses or list(DEFENSES), quick=args.quick, fresh=args.fresh)
+    if not args.table_only:
+        run(suite, data, results, args.cache, archs=args.archs or suite.archs,
+            attacks=args.attacks or suite.attacks, defenses=args.defenses or list(DEFENSES),
+            quick=args.quick, fresh=args.fresh)
 
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("*/*/*.json"))]
     order = {"arch": list(suite.archs), "attack": list(ATTACK_SETTINGS), "defense": ["none", *DEFENSES]}
@@ -191,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
              f"10% poisoning unless the attack says otherwise; the defender holds {len(data.defender[1])} "
              f"clean images; {len(data.test[1])} test images")
     out = args.out or Path("bench-out" if args.quick else "docs")
-    write_table(rows, out / "benchmarks.md", command="baerase bench " + " ".join(argv), machine=machine(),
-                setup=setup, order=order)
+    # The table holds every cached row of the suite, whichever runs filled them: the command
+    # that reproduces it is the whole suite's.
+    command = f"baerase bench --suite {args.suite}" + (" --quick" if args.quick else "")
+    write_table(rows, out / "benchmarks.md", command=command, machine=machine(), setup=setup, order=order)
     write_plot(rows, out / "benchmarks.png", order=order)
     print(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.png'}")
     return 0
