@@ -111,7 +111,8 @@ def write_plot(rows: list[dict], path: Path, order: dict[str, list[str]]) -> Non
     archs = [a for a in order["arch"] if any(r["arch"] == a for r in rows)]
     defenses = [d for d in order["defense"] if any(r["defense"] == d for r in rows)]
     attacks = [a for a in order["attack"] if any(r["attack"] == a for r in rows)]
-    colors = {d: plt.cm.tab10(i) for i, d in enumerate(defenses)}
+    colors = {d: plt.cm.tab10(i) for i, d in enumerate(d for d in defenses if d != "baerase")}
+    colors["baerase"] = "black"  # ours stands out
     markers = dict(zip(attacks, "os^vDP*Xh"))
     fig, axes = plt.subplots(1, max(1, len(archs)), figsize=(6 * max(1, len(archs)), 5), squeeze=False)
     for ax, arch in zip(axes[0], archs):
@@ -121,7 +122,8 @@ def write_plot(rows: list[dict], path: Path, order: dict[str, list[str]]) -> Non
         ax.set(title=arch, xlabel="attack success rate (%)", ylabel="clean accuracy (%)", xlim=(-3, 103))
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], linestyle="", marker="o", color=colors[d], label=LABELS[d]) for d in defenses]
-    handles += [plt.Line2D([], [], linestyle="", marker=markers[a], color="gray", label=a) for a in attacks]
+    handles += [plt.Line2D([], [], linestyle="", marker=markers[a], markerfacecolor="none",
+                           markeredgecolor="black", label=a) for a in attacks]
     fig.legend(handles=handles, loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
