@@ -28,7 +28,6 @@ def mean_of(rows: list[dict], field: str) -> float | None:
 def write_table(rows: list[dict], path: Path, *, command: str, machine: str, setup: str,
                 order: dict[str, list[str]]) -> None:
     rows = ordered(rows, order)
-    archs = [a for a in order["arch"] if any(r["arch"] == a for r in rows)]
     defenses = [d for d in order["defense"] if any(r["defense"] == d for r in rows)]
     commits = sorted({r["commit"] for r in rows})
     lines = [
@@ -48,9 +47,12 @@ def write_table(rows: list[dict], path: Path, *, command: str, machine: str, set
         "  forward+backward passes over the defender's clean set, measured in the same run.",
         "",
     ]
-    for arch in archs:
+    for arch in order["arch"]:
         mine = [r for r in rows if r["arch"] == arch]
-        attacks = [a for a in order["attack"] if any(r["attack"] == a for r in mine)]
+        if not mine:
+            lines += [f"## {arch}", "", "Not run yet.", ""]
+            continue
+        attacks = order["attack"]
         cell = {(r["attack"], r["defense"]): r for r in mine}
         # Means only over the backdoored models every defense ran on, so the columns compare.
         complete = [a for a in attacks if all((a, d) in cell for d in defenses)]
@@ -74,14 +76,14 @@ def write_table(rows: list[dict], path: Path, *, command: str, machine: str, set
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
                          f"{percent(r['ra'])} | {percent(r['der'])} | {r['seconds']:.0f} | {r['cost']:.0f} |")
         lines.append("")
-    lines += ["## Where BAERASE loses", ""] + losses(rows) + [""]
+    lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
 
 def losses(rows: list[dict]) -> list[str]:
-    """Every model on which a baseline beats BAERASE: higher DER on a backdoored model, or a
-    smaller CA change on the clean one."""
+    """Every model on which a baseline beats BAERASE (higher DER on a backdoored model, a smaller
+    CA change on the clean one), or on which BAERASE left the backdoor working."""
     found = []
     for ours in (r for r in rows if r["defense"] == "baerase"):
         others = [r for r in rows if r["arch"] == ours["arch"] and r["attack"] == ours["attack"]
@@ -98,6 +100,8 @@ def losses(rows: list[dict]) -> list[str]:
             ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])}"
         if better:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}; better: {', '.join(detail)}")
+        elif ours["asr"] is not None and ours["asr"] > 0.1:
+            found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}: the backdoor survived")
     return found or ["Nowhere in this run."]
 
 

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick, fresh=args.fresh)
 
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("*/*/*.json"))]
-    order = {"arch": list(suite.archs), "attack": list(ATTACK_SETTINGS), "defense": ["none", *DEFENSES]}
+    order = {"arch": list(suite.archs), "attack": list(suite.attacks), "defense": ["none", *DEFENSES]}
     setup = (f"{args.suite}: each victim trained on {suite.train_size} images for {suite.epochs} epochs, "
              f"10% poisoning unless the attack says otherwise; the defender holds {len(data.defender[1])} "
              f"clean images; {len(data.test[1])} test images")

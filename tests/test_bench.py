@@ -30,7 +30,7 @@ def test_quick_bench_runs_every_defense_and_writes_table_and_plot(tmp_path):
     table = (out / "benchmarks.md").read_text()
     assert "baerase bench --suite digits --quick" in table
     for label, _ in DEFENSES.values():
-        assert f"| {label} |" in table.split("## Where BAERASE loses")[0]
+        assert f"| {label} |" in table.split("## Where BAERASE loses or fails")[0]
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second run reuses every cached row instead of defending again.
@@ -83,9 +83,11 @@ def row(attack, defense, ca, asr, before_ca=0.9, before_asr=0.95):
 def test_losses_name_every_baseline_that_beats_baerase():
     rows = [row("badnets", "baerase", 0.89, 0.01), row("badnets", "nc", 0.88, 0.02),
             row("blended", "baerase", 0.90, 0.95), row("blended", "anp", 0.85, 0.02),
-            row("clean", "baerase", 0.85, None), row("clean", "ft", 0.90, None)]
+            row("clean", "baerase", 0.85, None), row("clean", "ft", 0.90, None),
+            row("trojan", "baerase", 0.90, 0.95)]
     found = losses(rows)
-    assert len(found) == 2
+    assert len(found) == 3
     assert "blended" in found[0] and "ANP" in found[0]
     assert "clean" in found[1] and "FT" in found[1]
+    assert "trojan" in found[2] and "survived" in found[2]
     assert losses(rows[:2]) == ["Nowhere in this run."]
