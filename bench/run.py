@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def digits_data() -> Data:
 
 @dataclass(frozen=True)
 class Suite:
-    data: object  # () -> Data
+    data: Callable[[], Data]  # loads the victim's, the defender's and the test images
     archs: tuple[str, ...]
     attacks: tuple[str, ...]
     train_size: int
