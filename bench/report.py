@@ -106,8 +106,10 @@ def losses(rows: list[dict]) -> list[str]:
 
 
 def write_plot(rows: list[dict], path: Path, order: dict[str, list[str]]) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install -e '.[bench]'") from None
     matplotlib.use("Agg")  # files only: no screen on a server
     import matplotlib.pyplot as plt
 
