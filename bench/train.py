@@ -6,19 +6,26 @@ import torch.nn.functional as F
 from worker.sanitize.architectures import build_model
 
 
-def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def fit(model, optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int = 0,
+        schedule=None):
+    """Minibatch cross-entropy training in a seeded shuffled order; returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            opt.zero_grad()
+            optimizer.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
     return model.eval()
+
+
+def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
+    return fit(model, torch.optim.Adam(model.parameters(), lr=lr), x, y, epochs, batch_size, seed)
 
 
 def backdoored_fashion_mnist(arch: str, attack, train_size: int, epochs: int, seed: int = 0):

@@ -3,8 +3,9 @@
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..train import fit
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:
@@ -19,18 +20,10 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, l
               batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0) -> nn.Module:
     """SGD (momentum 0.9, cosine schedule) on the defender's clean set, BatchNorm in training
     mode, as BackdoorBench fine-tunes. Changes ``model`` in place and returns it in eval mode."""
-    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            schedule.step()
-    return model.eval()
+    return fit(model, opt, x, y, epochs, batch_size, seed, schedule)
 
 
 # FT, FP and NC all end with BackdoorBench's fine-tuning (config/defense/{ft,fp,nc}/config.yaml:
