@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import json
+import math
 import uuid
 from datetime import datetime
 
@@ -25,11 +26,27 @@ class JobOptions(SanitizeConfig):
     webhook_url: AnyHttpUrl | None = None
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 reads as inf
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_options(text: bytes | None) -> JobOptions:
+    # NaN and Infinity are Python's extensions of JSON: PostgreSQL refuses them in a JSON column,
+    # and no setting means anything with them.
     try:
-        options = json.loads(text) if text else {}
+        options = json.loads(text, parse_float=finite_float, parse_constant=refuse_constant) if text else {}
     except (ValueError, UnicodeDecodeError) as e:
         raise Problem(422, f"config is not valid JSON ({e}); send a JSON object such as "
+                           '{"seed": 0}') from None
+    except RecursionError:
+        raise Problem(422, "config is nested too deeply; send a JSON object such as "
                            '{"seed": 0}') from None
     if not isinstance(options, dict):
         raise Problem(422, 'config must be a JSON object such as {"seed": 0}')
@@ -97,11 +114,21 @@ def idempotent_job(session: Session, tenant: Tenant, key: str, request_sha256: s
     return record.job
 
 
-def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def canonical_uuid(text: str) -> uuid.UUID | None:
+    """The UUID in its one canonical spelling (lowercase, hyphenated), else None: a job has one
+    URL, so that caches, logs and rate limits see one job as one."""
     try:
-        job = session.scalar(select(Job).where(Job.id == uuid.UUID(job_id), Job.tenant_id == tenant.id))
+        value = uuid.UUID(text)
     except ValueError:
-        job = None
+        return None
+    return value if str(value) == text else None
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job_uuid = canonical_uuid(job_id)
+    job = None
+    if job_uuid is not None:
+        job = session.scalar(select(Job).where(Job.id == job_uuid, Job.tenant_id == tenant.id))
     if job is None:  # another tenant's job is as absent as one that never existed
         raise Problem(404, f"there is no job {job_id}; list yours with GET /jobs")
     return job

@@ -9,10 +9,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.db import UNAVAILABLE
 
 MEDIA_TYPE = "application/problem+json"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Suggested wait before retrying a request that met an unreachable database.
 DATABASE_RETRY_AFTER_S = 5
 
@@ -38,6 +40,13 @@ def describe_validation_errors(errors) -> list[dict]:
             for error in errors]
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers at this path (asked of each route, as routers nest)."""
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in request.app.router.routes)]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem):
@@ -46,9 +55,15 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def on_http_exception(request: Request, exc: HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"there is no {request.method} {request.url.path}; see /docs for the API"
-        return problem_response(request, exc.status_code, detail, getattr(exc, "headers", None))
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route that matched the path.
+            allowed = allowed_methods(request)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            detail = f"{request.url.path} answers {', '.join(allowed)}, not {request.method}"
+        return problem_response(request, exc.status_code, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

@@ -6,6 +6,7 @@ model is ever deserialized here: loading, with ``weights_only=True``, happens in
 """
 
 import json
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -13,12 +14,18 @@ from pathlib import Path, PurePosixPath
 
 import anyio
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .problems import Problem
 from .storage import ArtifactStore, StagedFile
 
 MAX_CONFIG_BYTES = 64 * 1024
+# The headers of one part (Content-Disposition, Content-Type): a few hundred bytes in practice;
+# the parser would otherwise buffer a header of any length in memory.
+MAX_PART_HEADER_BYTES = 16 * 1024
+# RFC 2046, section 5.1.1: 1 to 70 characters from this set.
+BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 HEAD_BYTES = 16
 ZIP_HEADS = (b"PK\x03\x04", b"PK\x05\x06")  # an archive with members, an empty archive
 # pickle.dumps(torch's magic number, protocol 2): how a legacy (pre-zip) torch.save file begins.
@@ -64,16 +71,26 @@ class JobFormParser:
         self.form = JobForm()
         self.headers: dict[bytes, bytes] = {}
         self.header_name = self.header_value = b""
+        self.header_bytes = 0
         self.current: FilePart | bytearray | None = None
 
     def on_part_begin(self) -> None:
         self.headers = {}
+        self.header_bytes = 0
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.count_header_bytes(end - start)
         self.header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.count_header_bytes(end - start)
         self.header_value += data[start:end]
+
+    def count_header_bytes(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > MAX_PART_HEADER_BYTES:
+            raise Problem(400, f"a part of the multipart body has more than "
+                               f"{MAX_PART_HEADER_BYTES // 1024} KiB of headers")
 
     def on_header_end(self) -> None:
         self.headers[self.header_name.lower()] = self.header_value
@@ -86,6 +103,9 @@ class JobFormParser:
             if getattr(self.form, name) is not None:
                 raise Problem(422, f"the form has two '{name}' fields; send one")
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
+            # Stored and shown back: a NUL cannot even be stored in PostgreSQL text.
+            if any(ord(c) < 32 or ord(c) == 127 for c in filename):
+                raise Problem(422, f"the {name} file's name has control characters; rename it")
             part = FilePart(name, self.store.stage(),
                             PurePosixPath(filename.replace("\\", "/")).name or name, self.limits[name])
             setattr(self.form, name, part)
@@ -132,9 +152,10 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
                            max_samples_bytes: int) -> JobForm:
     """Streams the multipart body into staged files; on any error nothing is left behind."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or b"boundary" not in options:
-        raise Problem(415, "send the job as multipart/form-data with the fields model (file), "
-                           "samples (file) and config (JSON, optional)")
+    if content_type != b"multipart/form-data" or not BOUNDARY.fullmatch(options.get(b"boundary", b"")):
+        raise Problem(415, "send the job as multipart/form-data (with a boundary of 1 to 70 "
+                           "characters, RFC 2046) with the fields model (file), samples (file) "
+                           "and config (JSON, optional)")
     declared = request.headers.get("content-length")
     limit = max_model_bytes + max_samples_bytes + MAX_CONFIG_BYTES + 64 * 1024  # + multipart framing
     if declared and declared.isdigit() and int(declared) > limit:
@@ -148,8 +169,11 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
             # The parser writes file chunks to disk: keep that off the event loop.
             await anyio.to_thread.run_sync(multipart.write, chunk)
         multipart.finalize()
-    except BaseException:
+    except BaseException as e:
         parser.form.discard()
+        if isinstance(e, FormParserError):
+            raise Problem(400, f"the multipart body is malformed ({e}); send a multipart/form-data "
+                               "body as RFC 7578 describes, e.g. with curl -F") from None
         raise
     for part in parser.form.files():
         part.staged.close()
