@@ -8,16 +8,21 @@ import uuid
 from datetime import datetime
 
 from pydantic import AnyHttpUrl, ValidationError
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant, utcnow
 from app.problems import Problem, describe_validation_errors
 from app.storage import ArtifactStore
 from app.uploads import MODEL_SUFFIXES, JobForm, model_format, samples_suffix
+from app.webhook_urls import UnsafeWebhookUrl, check_webhook_url
 from app.webhooks import queue_webhook
 from worker.sanitize.config import ARCHITECTURE_NAMES, SanitizeConfig
+
+# Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.
+QUOTA_RETRY_AFTER_S = 60
 
 
 class JobOptions(SanitizeConfig):
@@ -60,10 +65,17 @@ def parse_options(text: bytes | None) -> JobOptions:
 
 
 def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: JobForm,
-               idempotency_key: str | None) -> tuple[Job, bool]:
+               idempotency_key: str | None, settings: Settings) -> tuple[Job, bool]:
     """Checks the received form and queues its job; returns (job, whether it already existed).
     Files are moved into the store before the commit and removed again if it fails."""
     options = parse_options(form.config_text)
+    webhook_url = str(options.webhook_url) if options.webhook_url else None
+    if webhook_url:
+        try:
+            check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
+        except UnsafeWebhookUrl as e:
+            raise Problem(422, f"invalid config: config.webhook_url: {e}",
+                          errors=[{"loc": "config.webhook_url", "msg": str(e)}]) from None
     fmt = model_format(form.model.staged.path, form.model.filename)
     if fmt != "torchscript" and options.arch is None:
         raise Problem(422, f"{form.model.filename} holds bare weights ({fmt}); name their "
@@ -71,13 +83,17 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
                            f"{', '.join(ARCHITECTURE_NAMES)}), or upload a TorchScript archive")
     samples_ext = samples_suffix(form.samples.staged.path, form.samples.filename)
     config = options.model_dump(mode="json", exclude={"webhook_url"})
-    webhook_url = str(options.webhook_url) if options.webhook_url else None
     request_sha256 = hashlib.sha256(json.dumps(
         [form.model.staged.sha256, form.samples.staged.sha256, config, webhook_url], sort_keys=True
     ).encode()).hexdigest()
 
     if idempotency_key and (replay := idempotent_job(session, tenant, idempotency_key, request_sha256)):
         return replay, True
+    # Taken first, so that concurrent submits of one tenant count one after the other: a row lock
+    # on PostgreSQL, the write lock on SQLite; both held until the commit or rollback below.
+    session.execute(update(Tenant).where(Tenant.id == tenant.id).values(name=Tenant.name)
+                    .execution_options(synchronize_session=False))
+    check_active_jobs(session, tenant, settings.max_active_jobs_per_tenant)
     job = Job(id=uuid.uuid4(), tenant_id=tenant.id, config=config, webhook_url=webhook_url,
               model_format=fmt)
     folder = f"jobs/{job.id}"
@@ -101,6 +117,16 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
             return replay, True
         raise
     return job, False
+
+
+def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
+    """429 when the tenant already has ``limit`` jobs queued or running."""
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant.id, Job.status.in_((JobStatus.queued, JobStatus.running))))
+    if active >= limit:
+        raise Problem(429, f"you have {active} jobs queued or running, the most this service allows "
+                           f"(BAERASE_MAX_ACTIVE_JOBS_PER_TENANT={limit}); submit again once one "
+                           "has finished, or cancel one", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
 
 
 def idempotent_job(session: Session, tenant: Tenant, key: str, request_sha256: str) -> Job | None:
@@ -176,7 +202,7 @@ def cancel_job(session: Session, job: Job) -> Job:
         session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running)
                         .values(cancel_requested=True))
     session.commit()
-    session.refresh(job)
+    job = session.get(Job, job.id, populate_existing=True)
     if job.status in (JobStatus.succeeded, JobStatus.failed):
         raise Problem(409, f"the job has already {job.status.value}; there is nothing to cancel")
     return job

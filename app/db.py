@@ -26,16 +26,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, pool_size: int = 5) -> Engine:
+    """pool_size: connections kept open, the most that the process's threads use at once."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         # connect_timeout: an unreachable server fails a request in seconds instead of hanging.
-        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+        return create_engine(url, pool_size=pool_size, pool_pre_ping=True,
+                             connect_args={"connect_timeout": 5})
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     # The API and the worker process write to the same file: wait for each other's locks
     # instead of failing with "database is locked".
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, pool_size=pool_size, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection, _record):

@@ -6,6 +6,7 @@ poll the database."""
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,11 +32,15 @@ Authenticate with `Authorization: Bearer <key>`. Errors are `application/problem
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.api_threads)
     sessions = make_sessions(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Sync routes and dependencies run in this thread pool, and each holds at most one pooled
+        # connection while it runs (app/api/deps.py): with as many connections as threads, none
+        # waits for a connection.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         if settings.api_key:
             await run_in_threadpool(register_env_key, sessions, settings)
         yield

@@ -3,9 +3,10 @@
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.models import ArtifactRole, DeliveryStatus, Job, JobStatus, TriggerImage
+from app.webhook_urls import without_credentials
 
 
 class Progress(BaseModel):
@@ -97,6 +98,12 @@ class WebhookDeliveryView(BaseModel):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+
+    @field_validator("url")
+    @classmethod
+    def hide_credentials(cls, url: str) -> str:
+        # Submits refuse them now; rows from before may still have them.
+        return without_credentials(url)
 
 
 class WebhookDeliveryList(BaseModel):

@@ -29,6 +29,7 @@ from app.core.config import Settings
 from app.core.security import WEBHOOK_SECRET_PREFIX
 from app.models import DeliveryStatus, Job, Tenant, WebhookDelivery, utcnow
 from app.schemas import job_view
+from app.webhook_urls import UnsafeWebhookUrl, check_webhook_url, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, delive
             select(WebhookDelivery, Tenant.webhook_secret).join(Job, Job.id == WebhookDelivery.job_id)
             .join(Tenant, Tenant.id == Job.tenant_id).where(WebhookDelivery.id == delivery_id)).one()
 
-    status_code, error = post(delivery, secret, settings.webhook_timeout_s)
+    status_code, error = post(delivery, secret, settings)
     attempts = delivery.attempts + 1
     outcome = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
     if error is None:
@@ -98,30 +99,46 @@ def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, delive
     elif attempts >= settings.webhook_max_attempts:
         outcome |= {"status": DeliveryStatus.failed, "next_attempt_at": None}
         log.warning("webhook %s to %s failed %d times; giving up (%s)", delivery.message_id,
-                    delivery.url, attempts, error)
+                    without_credentials(delivery.url), attempts, error)
     else:
         backoff = settings.webhook_retry_base_s * 2 ** (attempts - 1)
         outcome["next_attempt_at"] = utcnow() + timedelta(seconds=backoff)
         log.info("webhook %s to %s failed (%s); next attempt in %.0f s", delivery.message_id,
-                 delivery.url, error, backoff)
+                 without_credentials(delivery.url), error, backoff)
     with sessions() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(**outcome))
         session.commit()
     return True
 
 
-def post(delivery: WebhookDelivery, secret: str, timeout_s: float) -> tuple[int | None, str | None]:
+def post(delivery: WebhookDelivery, secret: str, settings: Settings) -> tuple[int | None, str | None]:
     """One attempt: (HTTP status, None) on a 2xx answer, else (status or None, what went wrong).
-    Redirects count as failures, as the spec advises."""
+    Redirects count as failures, as the spec advises (and a redirect could point anywhere)."""
+    try:
+        target = check_webhook_url(delivery.url, settings.webhook_allowed_hosts)
+    except UnsafeWebhookUrl as e:
+        return None, f"refused: {e}"[:500]
     timestamp = int(utcnow().timestamp())
     headers = {"content-type": "application/json", "user-agent": "baerase-webhook",
                "webhook-id": delivery.message_id, "webhook-timestamp": str(timestamp),
-               "webhook-signature": sign(secret, delivery.message_id, timestamp, delivery.payload)}
-    try:
-        response = httpx.post(delivery.url, content=delivery.payload.encode(), headers=headers,
-                              timeout=timeout_s)
-    except httpx.HTTPError as e:
-        return None, f"{type(e).__name__}: {e}"[:500]
+               "webhook-signature": sign(secret, delivery.message_id, timestamp, delivery.payload),
+               "host": target.url.netloc.decode("ascii")}
+    # Connect to the addresses just checked, not to whatever a second DNS lookup would answer;
+    # the host name still goes into the Host header and TLS (SNI and certificate check).
+    # trust_env=False: a proxy from the environment would make its own connection.
+    with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
+        for address in target.addresses:
+            try:
+                response = client.post(target.url.copy_with(host=str(address)), headers=headers,
+                                       content=delivery.payload.encode(),
+                                       extensions={"sni_hostname": target.url.host})
+                break
+            except httpx.ConnectError as e:  # the host's next address may answer
+                error = f"{type(e).__name__}: {e}"[:500]
+            except httpx.HTTPError as e:
+                return None, f"{type(e).__name__}: {e}"[:500]
+        else:
+            return None, error
     if response.is_success:
         return response.status_code, None
     return response.status_code, f"the receiver answered {response.status_code}"

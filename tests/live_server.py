@@ -55,11 +55,12 @@ class LiveServer:
         self.process.wait(timeout=60)
 
 
-def start_embedded_server(directory: Path, api_key: str) -> LiveServer:
+def start_embedded_server(directory: Path, api_key: str, env: dict[str, str] | None = None) -> LiveServer:
     """Runs `baerase serve --embedded` in ``directory`` (its data and serve.log go there) with
-    ``api_key`` registered, and waits until it is ready. Stop it with ``stop()``."""
+    ``api_key`` registered and ``env`` (BAERASE_ settings) added to its environment, and waits
+    until it is ready. Stop it with ``stop()``."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")} | (env or {})
     env |= {"BAERASE_API_KEY": api_key, "PYTHONPATH": str(REPO)}
     with open(directory / "serve.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--embedded", "--port", str(port)],

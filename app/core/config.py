@@ -6,10 +6,10 @@ production: the API then queues Celery tasks, and `baerase worker` runs them (wo
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024**2
 HOUR = 3600
@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     api_key_tenant: str = "local"
     max_model_bytes: int = Field(1024 * MiB, ge=1, description="largest model upload (413 above)")
     max_samples_bytes: int = Field(1024 * MiB, ge=1, description="largest sample-set upload (413 above)")
+    max_active_jobs_per_tenant: int = Field(10, ge=1, description="jobs a tenant may have queued "
+                                            "and running at once (429 beyond)")
+    api_threads: int = Field(40, ge=1, description="threads that run the API's blocking work "
+                             "(database, files); its database pool holds as many connections")
     worker_poll_interval_s: float = Field(1.0, gt=0, description="how often an idle polling worker "
                                           "looks for jobs (no broker)")
     job_max_attempts: int = Field(3, ge=1, description="runs a job gets before a lost worker fails it")
@@ -46,11 +50,21 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(30.0, gt=0, description="wait after the first failed "
                                         "delivery; doubled after each further one")
     webhook_timeout_s: float = Field(10.0, gt=0, description="how long a webhook receiver may take")
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="comma-separated host names, addresses or networks (10.0.0.0/8) that webhooks "
+        "may reach although they are not public; by default only public addresses")
     log_format: Literal["text", "json"] = Field("text", description="serve and worker logs: text, or "
                                                 "json (one object a line, with job_id and tenant)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="a worker serves "
                                             "Prometheus metrics on this port; unset: none")
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def split_hosts(cls, value):
+        if isinstance(value, str):  # from the environment: a comma-separated list
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
 
     @model_validator(mode="after")
     def fill_paths(self):

@@ -7,7 +7,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from app import crud
-from app.api.deps import CurrentTenant, JobDep, SessionDep
+from app.api.deps import CurrentTenant, JobDep, SessionsDep
 from app.api.routes.jobs import RETRY_AFTER_S
 from app.models import Job, JobStatus, TriggerImage
 from app.problems import Problem
@@ -44,8 +44,9 @@ def job_page(request: Request, job_id: uuid.UUID) -> HTMLResponse:
 
 
 @router.get("/fragments/jobs")
-def jobs_fragment(request: Request, session: SessionDep, tenant: CurrentTenant) -> HTMLResponse:
-    jobs, more = crud.list_jobs(session, tenant, None, LIST_SIZE, None)
+def jobs_fragment(request: Request, sessions: SessionsDep, tenant: CurrentTenant) -> HTMLResponse:
+    with sessions() as session:
+        jobs, more = crud.list_jobs(session, tenant, None, LIST_SIZE, None)
     # The list refreshes itself for as long as it is open: new jobs may arrive from anywhere.
     return templates.TemplateResponse(request, "jobs.html", {
         "jobs": [job_view(job) for job in jobs], "more": more is not None, "tenant": tenant.name,
@@ -53,12 +54,14 @@ def jobs_fragment(request: Request, session: SessionDep, tenant: CurrentTenant) 
 
 
 @router.get("/fragments/jobs/{job_id}")
-def job_fragment(request: Request, job: JobDep, session: SessionDep) -> HTMLResponse:
+def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLResponse:
     context = {"job": job_view(job)}
     if job.status == JobStatus.succeeded:
-        report = session.scalar(select(Job.report).where(Job.id == job.id))
-        images = session.scalars(select(TriggerImage).where(TriggerImage.job_id == job.id)
-                                 .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind))
+        with sessions() as session:
+            report = session.scalar(select(Job.report).where(Job.id == job.id))
+            images = list(session.scalars(
+                select(TriggerImage).where(TriggerImage.job_id == job.id)
+                .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind)))
         asr_threshold = report["config"]["unlearning"]["asr_threshold"]
         context |= {
             "report": report,
@@ -68,7 +71,7 @@ def job_fragment(request: Request, job: JobDep, session: SessionDep) -> HTMLResp
             "asr_threshold": asr_threshold,
             "chart": score_chart(report["class_scores"], report["config"]["detection"]["anomaly_index"],
                                  report["config"]["class_names"]),
-            "triggers": trigger_views(job.id, list(images)),
+            "triggers": trigger_views(job.id, images),
         }
     headers = {} if job.status.finished else {"Retry-After": str(RETRY_AFTER_S)}
     return templates.TemplateResponse(request, "job.html", context, headers=headers)

@@ -34,6 +34,8 @@ SLOW = {"recovery": {"steps": 400, "families": ["mask"]}, "unlearning": {"max_ep
 # for a loaded machine to delay a heartbeat or two.
 TIMINGS = {"heartbeat_interval_s": 1, "heartbeat_timeout_s": 10, "sweep_interval_s": 0.5,
            "resend_queued_after_s": 3, "webhook_retry_base_s": 0.5}
+# The webhook receiver listens on 127.0.0.1, which webhooks reach only where the operator allows it.
+LOCAL_WEBHOOKS = {"webhook_allowed_hosts": "127.0.0.1"}
 
 
 class RedisServer:
@@ -78,7 +80,7 @@ def broker(tmp_path):
 @pytest.fixture
 def settings(database_url, tmp_path, broker) -> Settings:
     return Settings(_env_file=None, database_url=database_url, data_dir=tmp_path / "data", api_key=None,
-                    broker_url=broker.url, **TIMINGS)
+                    broker_url=broker.url, **TIMINGS, **LOCAL_WEBHOOKS)
 
 
 class Workers:
@@ -90,7 +92,7 @@ class Workers:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")} | {
             "PYTHONPATH": str(REPO), "BAERASE_DATABASE_URL": settings.database_url,
             "BAERASE_BROKER_URL": settings.broker_url, "BAERASE_ARTIFACT_DIR": str(settings.artifact_dir),
-            **{f"BAERASE_{name.upper()}": str(value) for name, value in TIMINGS.items()}}
+            **{f"BAERASE_{name.upper()}": str(value) for name, value in (TIMINGS | LOCAL_WEBHOOKS).items()}}
 
     def start(self) -> subprocess.Popen:
         log = self.directory / f"worker{len(self.processes)}.log"

@@ -33,7 +33,8 @@ def test_embedded_service_end_to_end(tmp_path, backdoored_digits):
     model_path, samples_path = backdoored_digits
     webhook = HTTPServer(("127.0.0.1", 0), WebhookReceiver)
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
-    server = start_embedded_server(tmp_path, KEY)
+    # The receiver listens on 127.0.0.1, which webhooks reach only where the operator allows it.
+    server = start_embedded_server(tmp_path, KEY, {"BAERASE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
     api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
 
     try:

@@ -5,11 +5,19 @@ long is picked for a new message; and the writes of a worker that lost its claim
 from datetime import timedelta
 from uuid import UUID
 
+import pytest
+
 from sqlalchemy import select, update
 
 from app.models import Job, JobStatus, WebhookDelivery, utcnow
 from worker.jobs import JobTracker, claim, finish
 from worker.sweeper import recover_lost_jobs, take_waiting_jobs
+
+
+@pytest.fixture
+def settings(settings):
+    # The receivers here listen on 127.0.0.1, which webhooks reach only where the operator allows it.
+    return settings.model_copy(update={"webhook_allowed_hosts": ["127.0.0.1"]})
 
 
 def silence(sessions, job_id: UUID, seconds: float) -> None:

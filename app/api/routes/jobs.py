@@ -1,14 +1,16 @@
 import base64
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import crud
-from app.api.deps import CurrentTenant, JobDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep
 from app.models import ArtifactRole, Job, JobStatus, TriggerImage
 from app.problems import MEDIA_TYPE, Problem
 from app.schemas import JobPage, JobView, TriggerList, job_path, job_view, trigger_views
@@ -16,6 +18,7 @@ from app.storage import read_chunks
 from app.uploads import receive_job_form
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+T = TypeVar("T")
 
 # Suggested wait between polls of a job that is not finished yet.
 RETRY_AFTER_S = 2
@@ -36,18 +39,22 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", status_code=202, summary="Submit a model and clean samples for sanitization",
              openapi_extra=UPLOAD_FORM,
-             responses={code: PROBLEM for code in (401, 413, 415, 422)})
+             responses={code: PROBLEM for code in (400, 401, 413, 415, 422, 429)})
 async def create_job(
-    request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
+    request: Request, response: Response, sessions: SessionsDep, tenant: CurrentTenant,
     settings: SettingsDep, store: StoreDep,
     idempotency_key: Annotated[str | None, Header(max_length=255, description=
                                "retrying with the same key returns the first job")] = None,
 ) -> JobView:
-    # Receiving the files may take minutes: give the connection back to the pool meanwhile.
-    await run_in_threadpool(session.close)
+    if idempotency_key is None:
+        # Refused before the upload, which would be wasted. Not for a retry with a key: its job
+        # may be one of those counted, and the answer is that job.
+        await run_in_threadpool(in_session, sessions, crud.check_active_jobs, tenant,
+                                settings.max_active_jobs_per_tenant)
     form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
     try:
-        job, replayed = await run_in_threadpool(crud.submit_job, session, store, tenant, form, idempotency_key)
+        job, replayed = await run_in_threadpool(in_session, sessions, crud.submit_job, store, tenant,
+                                                form, idempotency_key, settings)
     finally:
         form.discard()
     # After the commit, so a worker never gets a message for a job it cannot see yet. If this
@@ -62,12 +69,13 @@ async def create_job(
 
 @router.get("", summary="Your jobs, newest first", responses={401: PROBLEM, 422: PROBLEM})
 def list_jobs(
-    session: SessionDep, tenant: CurrentTenant,
+    sessions: SessionsDep, tenant: CurrentTenant,
     status: JobStatus | None = None,
     page_size: Annotated[int, Query(ge=1, le=100)] = 20,
     page_token: str | None = None,
 ) -> JobPage:
-    jobs, next_token = crud.list_jobs(session, tenant, status, page_size, page_token)
+    with sessions() as session:
+        jobs, next_token = crud.list_jobs(session, tenant, status, page_size, page_token)
     return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
 
 
@@ -81,14 +89,16 @@ def read_job(job: JobDep, response: Response) -> JobView:
 
 @router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (best effort)",
              responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def cancel_job(job: JobDep, session: SessionDep) -> JobView:
-    return job_view(crud.cancel_job(session, job))
+def cancel_job(job: JobDep, sessions: SessionsDep) -> JobView:
+    with sessions() as session:
+        return job_view(crud.cancel_job(session, job))
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job, its files and results",
                responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def delete_job(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
-    crud.delete_job(session, store, job)
+def delete_job(job: JobDep, sessions: SessionsDep, store: StoreDep) -> Response:
+    with sessions() as session:
+        crud.delete_job(session, store, job)
     return Response(status_code=204)
 
 
@@ -108,19 +118,22 @@ def download_model(job: JobDep, store: StoreDep) -> StreamingResponse:
 
 @router.get("/{job_id}/triggers", summary="The recovered triggers of the detected targets",
             responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def list_triggers(job: JobDep, session: SessionDep) -> TriggerList:
+def list_triggers(job: JobDep, sessions: SessionsDep) -> TriggerList:
     require_success(job, "the recovered triggers")
-    images = session.scalars(select(TriggerImage).where(TriggerImage.job_id == job.id)
-                             .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind))
-    return TriggerList(triggers=trigger_views(job.id, list(images)))
+    with sessions() as session:
+        images = list(session.scalars(
+            select(TriggerImage).where(TriggerImage.job_id == job.id)
+            .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind)))
+    return TriggerList(triggers=trigger_views(job.id, images))
 
 
 @router.get("/{job_id}/triggers/{trigger_id}.png", summary="One trigger picture",
             response_class=Response,
             responses={200: {"content": {"image/png": {}}}, 401: PROBLEM, 404: PROBLEM})
-def trigger_png(job: JobDep, trigger_id: str, session: SessionDep) -> Response:
-    png = session.scalar(select(TriggerImage.png).where(TriggerImage.job_id == job.id,
-                                                        TriggerImage.name == trigger_id))
+def trigger_png(job: JobDep, trigger_id: str, sessions: SessionsDep) -> Response:
+    with sessions() as session:
+        png = session.scalar(select(TriggerImage.png).where(TriggerImage.job_id == job.id,
+                                                            TriggerImage.name == trigger_id))
     if png is None:
         raise Problem(404, f"job {job.id} has no trigger picture {trigger_id!r}; "
                            f"GET {job_path(job.id)}/triggers lists them")
@@ -129,9 +142,18 @@ def trigger_png(job: JobDep, trigger_id: str, session: SessionDep) -> Response:
 
 @router.get("/{job_id}/report", summary="The full report.json of a succeeded job",
             responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def read_report(job: JobDep, session: SessionDep) -> JSONResponse:
+def read_report(job: JobDep, sessions: SessionsDep) -> JSONResponse:
     require_success(job, "the report")
-    return JSONResponse(session.scalar(select(Job.report).where(Job.id == job.id)))
+    with sessions() as session:
+        report = session.scalar(select(Job.report).where(Job.id == job.id))
+    return JSONResponse(report)
+
+
+def in_session(sessions: sessionmaker[Session], function: Callable[..., T], *args) -> T:
+    """function(session, *args) in a session of its own, for run_in_threadpool: the session and
+    its connection live only as long as this one call in one thread (see app/api/deps.py)."""
+    with sessions() as session:
+        return function(session, *args)
 
 
 def require_success(job: Job, what: str) -> None:

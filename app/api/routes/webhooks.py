@@ -1,7 +1,7 @@
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.api.deps import CurrentTenant, JobDep, SessionDep
+from app.api.deps import CurrentTenant, JobDep, SessionsDep
 from app.api.routes.jobs import PROBLEM
 from app.models import WebhookDelivery
 from app.schemas import WebhookDeliveryList, WebhookDeliveryView, WebhookSecret
@@ -17,7 +17,8 @@ def webhook_secret(tenant: CurrentTenant) -> WebhookSecret:
 
 @router.get("/jobs/{job_id}/webhooks", summary="The deliveries of a job's webhook, and their attempts",
             responses={401: PROBLEM, 404: PROBLEM})
-def list_deliveries(job: JobDep, session: SessionDep) -> WebhookDeliveryList:
-    deliveries = session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
-                                 .order_by(WebhookDelivery.created_at, WebhookDelivery.id))
+def list_deliveries(job: JobDep, sessions: SessionsDep) -> WebhookDeliveryList:
+    with sessions() as session:
+        deliveries = list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
+                                          .order_by(WebhookDelivery.created_at, WebhookDelivery.id)))
     return WebhookDeliveryList(deliveries=[WebhookDeliveryView.model_validate(d) for d in deliveries])
