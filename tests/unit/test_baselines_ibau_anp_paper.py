@@ -10,7 +10,7 @@ from bench.baselines import anp, baerase_paper, ibau
 from bench.datasets import digits
 from bench.train import train_classifier
 from worker.sanitize.architectures import build_model
-from worker.sanitize.recovery import PatchFamily, RecoveredTrigger, TriggerGenerator
+from worker.sanitize.recovery import PatchFamily
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,10 +143,21 @@ def test_anp_trains_masks_in_the_unit_interval_and_prunes_a_copy(arch, data):
 
 # BAERASE-paper
 
-def patch_trigger(target: int, shape=(1, 16, 16)) -> RecoveredTrigger:
+def patch_trigger(target: int, shape=(1, 16, 16)) -> baerase_paper.PatchTrigger:
     family = PatchFamily(shape, 3)
-    return RecoveredTrigger(target, family, TriggerGenerator(1, 12, 8, family.dim), asr=1.0,
-                            size=0.0, penalty=0.0)
+    return baerase_paper.PatchTrigger(target, family, baerase_paper.PatchGenerators(1, 12, 8, family.dim),
+                                      asr=1.0)
+
+
+def test_one_class_cut_out_of_the_batched_generators_makes_the_same_triggers():
+    generators = baerase_paper.PatchGenerators(4, 12, 8, 27)
+    with torch.no_grad():
+        generators.base.normal_()
+        z = generators.noise(5)
+        together = generators(z)
+        alone = generators.row(2)(z[2:3])
+    assert alone.shape == (1, 5, 27)
+    assert torch.allclose(alone[0], together[2])
 
 
 def test_detection_flags_the_highest_asr_outlier_without_any_floor():
