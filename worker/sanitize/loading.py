@@ -22,6 +22,7 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, build_model
 from .errors import InputError
+from .operations import check_archive, check_operations
 
 MAX_SAMPLES = 100_000
 MAX_UNZIPPED_BYTES = 2 * 1024**3
@@ -73,10 +74,12 @@ def load_model(path: Path, arch: str | None, num_classes: int | None, in_channel
                device: torch.device) -> LoadedModel:
     kind = model_format(path)
     if kind == "torchscript":
+        check_archive(path)  # before loading: loading can run the archive's __setstate__ code
         try:
             module = torch.jit.load(str(path), map_location=device)
         except Exception as e:  # torch raises a zoo of RuntimeErrors for broken archives
             raise InputError(f"cannot load the TorchScript archive {path.name}: {first_line(e)}") from e
+        check_operations(module)  # before it ever runs
         return LoadedModel(module, kind, None)
 
     state = read_state_dict(path, kind)

@@ -78,16 +78,25 @@ def stratified_split(y: torch.Tensor, holdout_fraction: float, seed: int):
 
 @torch.no_grad()
 def validate(model: nn.Module, samples: Samples, num_classes: int | None, device) -> tuple[int, float, list[str]]:
-    """Checks that the model and the samples fit together; returns (K, accuracy, warnings)."""
+    """Checks that the model and the samples fit together; returns (K, accuracy, warnings).
+
+    What the model computes never appears in these messages beyond the shape of its output: an
+    uploaded model could otherwise hand back, through its error, anything it managed to read."""
+    batch = samples.x[:8]
     try:
-        logits = model(samples.x[:8].to(device))
+        logits = model(batch.to(device))
     except Exception as e:  # any failure here means the images do not fit the model
-        raise InputError(
-            f"the model failed on a batch of the samples (shape {tuple(samples.x[:8].shape)}): "
-            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}"
-        ) from e
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(samples.x[:8]):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        if isinstance(e, torch.jit.Error):  # the model's own `raise`: its text is the model's to choose
+            reason = "the model raised an exception of its own"
+        else:  # torch's error, whose last line names shapes and types (the lines above are a traceback)
+            lines = str(e).strip().splitlines()
+            reason = lines[-1][:300] if lines else type(e).__name__
+        raise InputError(f"the model failed on a batch of the samples (shape {tuple(batch.shape)}): {reason}") from e
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(batch):
+        if not isinstance(logits, torch.Tensor):
+            shape = type(logits).__name__
+        else:  # a shape with many dimensions is a way to smuggle out numbers
+            shape = str(tuple(logits.shape)) if logits.dim() <= 4 else f"a tensor with {logits.dim()} dimensions"
         raise InputError(f"the model must return (N, K) logits; it returned {shape}")
     k = logits.shape[1]
     if num_classes is not None and num_classes != k:
