@@ -11,9 +11,9 @@ def sanitize_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from worker.sandbox import SandboxError, run_sanitize_sandboxed
     from worker.sanitize.config import SanitizeConfig
     from worker.sanitize.errors import InputError
-    from worker.sanitize.pipeline import sanitize
 
     try:
         options = json.loads(args.config.read_text()) if args.config else {}
@@ -42,10 +42,16 @@ def sanitize_command(args: argparse.Namespace) -> int:
         bar.update(int(fraction * 1000) - bar.n)
 
     try:
-        report = sanitize(args.model, args.samples, args.out, config, progress)
+        # The model is untrusted code: it runs sandboxed, as in the service, but where this
+        # machine cannot confine it fully the run goes on with a warning (it is the user's own).
+        report = run_sanitize_sandboxed(args.model, args.samples, args.out, config, progress, require=False)
     except InputError as e:
         bar.close()
         return fail(str(e))
+    except SandboxError as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     bar.close()
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -125,6 +131,8 @@ def worker_command(args: argparse.Namespace) -> int:
         devices = worker_devices(args.device)
     except ValueError as e:
         return fail(str(e))
+    if not sandbox_ready(settings):
+        return 1
     if settings.worker_metrics_port:
         from app.metrics import start_worker_metrics
 
@@ -153,6 +161,28 @@ def worker_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def sandbox_ready(settings) -> bool:
+    """Says in the log how the engine will be confined on this machine; False when it cannot be
+    confined fully and the settings require it."""
+    import logging
+
+    from worker.sandbox import probe
+
+    log = logging.getLogger("worker.sandbox")
+    confinement = probe()
+    if confinement.complete:
+        log.info("engine sandbox: %s", confinement.describe())
+        return True
+    if settings.sandbox_required:
+        log.error("cannot confine the engine on this machine (%s): uploaded models would run with "
+                  "this worker's access to files and network. See docs/deploy.md, \"Sandbox\"; "
+                  "BAERASE_SANDBOX_REQUIRED=false runs them anyway", confinement.describe())
+        return False
+    log.warning("the engine runs with an incomplete sandbox: %s (see docs/deploy.md, \"Sandbox\")",
+                confinement.describe())
+    return True
 
 
 def db_upgrade_command(args: argparse.Namespace) -> int:

@@ -10,8 +10,9 @@ final state) applies only while the claim still holds, so a worker that the swee
 (worker/sweeper.py) cannot overwrite the run that replaced it. Writes that matter are retried
 while the database is briefly unreachable.
 
-This module uses the database but does not import torch itself: the engine (which imports no
-web, queue or database code) is imported when the first job runs.
+This module uses the database but does not import torch: the engine (which imports no web, queue
+or database code) runs in a sandboxed child process for each job (worker/sandbox.py), which also
+enforces the job's wall-time, CPU-time and memory limits on every kind of worker.
 """
 
 import logging
@@ -34,6 +35,8 @@ from app.logging_setup import job_context_from_db
 from app.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus, TriggerImage, utcnow
 from app.storage import ArtifactStore
 from app.webhooks import deliver_due, queue_webhook
+from worker.sandbox import (Limits, ResourceLimitExceeded, SandboxError, TimeLimitExceeded,
+                            run_sanitize_sandboxed)
 from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.errors import Cancelled, InputError
 
@@ -136,11 +139,9 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     with JobTracker(sessions, job_claim, settings.heartbeat_interval_s) as tracker, \
             tempfile.TemporaryDirectory(prefix="baerase-job-") as out:
         try:
-            # Imported with the heartbeat already beating: loading torch can take many seconds.
-            from worker.sanitize.pipeline import sanitize
-
-            report = sanitize(store.local_path(model.key), store.local_path(samples.key), Path(out),
-                              config, tracker.progress, tracker.check_cancel)
+            report = run_sanitize_sandboxed(store.local_path(model.key), store.local_path(samples.key),
+                                            Path(out), config, tracker.progress, tracker.check_cancel,
+                                            job_limits(settings), settings.sandbox_required)
             status = store_results(sessions, store, settings, job_claim, Path(out), report, model)
         except ClaimLost:
             status = None
@@ -148,11 +149,17 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
             status = finish(sessions, settings, job_claim, JobStatus.cancelled)
         except InputError as e:
             status = finish(sessions, settings, job_claim, JobStatus.failed, "invalid_input", str(e))
-        except SoftTimeLimitExceeded:
+        except (SoftTimeLimitExceeded, TimeLimitExceeded):  # Celery's, or the sandbox's own
             status = finish(sessions, settings, job_claim, JobStatus.failed, "time_limit",
                             f"the job ran longer than the workers' time limit "
                             f"({settings.job_soft_time_limit_s:.0f} s); ask the operator, or use a "
                             "smaller model, fewer samples or fewer steps")
+        except ResourceLimitExceeded as e:
+            status = finish(sessions, settings, job_claim, JobStatus.failed, "resource_limit",
+                            f"{e}; ask the operator, or use a smaller model or fewer samples")
+        except SandboxError as e:  # the engine's process crashed, or the sandbox is incomplete
+            log.error("job %s failed: %s", job_id, e)
+            status = finish(sessions, settings, job_claim, JobStatus.failed, "internal_error", str(e))
         except (KeyboardInterrupt, SystemExit):
             requeue(sessions, job_claim)
             raise
@@ -166,6 +173,11 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     log.info("job %s %s (attempt %d)", job_id, status.value, job_claim.attempt)
     deliver_due(sessions, settings, job_id)  # its webhook, if any; the sweeper retries failures
     return status
+
+
+def job_limits(settings: Settings) -> Limits:
+    return Limits(wall_time_s=settings.job_soft_time_limit_s, cpu_time_s=settings.job_cpu_time_limit_s or None,
+                  memory_bytes=settings.job_memory_limit_bytes or None)
 
 
 class JobTracker:

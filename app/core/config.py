@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024**2
+GiB = 1024**3
 HOUR = 3600
 
 
@@ -35,8 +36,16 @@ class Settings(BaseSettings):
                                           "looks for jobs (no broker)")
     job_max_attempts: int = Field(3, ge=1, description="runs a job gets before a lost worker fails it")
     job_soft_time_limit_s: float = Field(4 * HOUR, gt=0, description="a job still running then fails "
-                                         "(error code time_limit)")
+                                         "(error code time_limit), on every kind of worker")
     job_time_limit_s: float = Field(4 * HOUR + 300, gt=0, description="Celery kills a job's process then")
+    job_memory_limit_bytes: int = Field(16 * GiB, ge=0, description="a job whose engine process uses "
+                                        "more memory fails (resource_limit); 0: no limit")
+    job_cpu_time_limit_s: float = Field(0, ge=0, description="a job whose engine process uses more "
+                                        "CPU seconds, all threads together, fails (resource_limit); "
+                                        "0: no limit but the wall-time one")
+    sandbox_required: bool = Field(True, description="a worker refuses to start (and to run jobs) when "
+                                   "the kernel cannot confine the engine: no Landlock or no seccomp "
+                                   "(docs/deploy.md); false: it runs them with a warning")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running job's process "
                                         "stamps heartbeat_at")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running job whose heartbeat is older "
