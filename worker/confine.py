@@ -58,11 +58,15 @@ READ = FS_READ_FILE | FS_READ_DIR | FS_EXECUTE
 DEVICE = FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV
 EVERYTHING = (1 << 16) - 1
 
-# What every engine process reads besides Python and its packages (given by the caller).
+# What every engine process reads besides Python and its packages (given by the caller): shared
+# libraries, CPU and memory facts, and what the NVIDIA driver reads while CUDA starts.
 SYSTEM_READ = ("/usr/lib", "/usr/lib64", "/usr/local/lib", "/lib", "/lib64", "/etc/ld.so.cache",
-               "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/sys", "/proc/self",
-               "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/sys/kernel", "/proc/sys/vm",
-               "/proc/driver/nvidia", "/dev/urandom", "/dev/random")
+               "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/sys", "/proc/cpuinfo",
+               "/proc/meminfo", "/proc/stat", "/proc/devices", "/proc/sys/kernel", "/proc/sys/vm",
+               "/proc/driver/nvidia", "/proc/driver/nvidia-uvm", "/dev/urandom", "/dev/random")
+# Its own /proc entries, also to write: CUDA names its threads in /proc/self/task/TID/comm (and
+# fails to start when it cannot). Granted from inside the process, so "self" is this process.
+OWN_PROC = "/proc/self"
 # Devices it may also write: the bit buckets, and the GPUs (CUDA talks to them with ioctls).
 DEVICE_PREFIXES = ("nvidia", "dri")
 DEVICE_FILES = ("/dev/null", "/dev/zero", "/dev/full")
@@ -191,6 +195,7 @@ def apply_landlock(result: Confinement, read: list[Path], write: list[Path]) -> 
         return
     try:
         grants = [(Path(p), READ) for p in SYSTEM_READ] + [(p, READ) for p in read]
+        grants.append((Path(OWN_PROC), READ | FS_WRITE_FILE))
         grants += [(p, EVERYTHING) for p in write] + [(Path(p), DEVICE) for p in DEVICE_FILES]
         grants += [(p, DEVICE) for p in gpu_devices()]
         for path, rights in grants:
