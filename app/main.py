@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.api.deps import KNOWN_KEY_TTL_S, TTLCache
 from app.api.routes import health, jobs, metrics, webhooks
 from app.core.config import Settings
 from app.core.security import ensure_api_key
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
     app.state.store = LocalArtifactStore(settings.artifact_dir)
+    app.state.known_keys = TTLCache(KNOWN_KEY_TTL_S)  # key hash -> tenant
+    app.state.recent_views = TTLCache(settings.status_cache_s)  # job id -> (tenant id, its JSON)
     app.state.job_queue = JobQueue(settings) if settings.broker_url else None
     app.state.metrics = make_registry(sessions, __version__)
     install_problem_handlers(app)

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
                                             "and running at once (429 beyond)")
     api_threads: int = Field(40, ge=1, description="threads that run the API's blocking work "
                              "(database, files); its database pool holds as many connections")
+    status_cache_s: float = Field(1.0, ge=0, description="GET /jobs/{id} answers from memory for "
+                                  "this long after a read: a status at most this old; 0: never")
     worker_poll_interval_s: float = Field(1.0, gt=0, description="how often an idle polling worker "
                                           "looks for jobs (no broker)")
     job_max_attempts: int = Field(3, ge=1, description="runs a job gets before a lost worker fails it")

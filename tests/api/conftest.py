@@ -57,7 +57,9 @@ def database_url(request, tmp_path):
 
 @pytest.fixture
 def settings(database_url, tmp_path) -> Settings:
-    return Settings(_env_file=None, database_url=database_url, data_dir=tmp_path / "data", api_key=None)
+    # status_cache_s=0: the tests check each change of a job at once, wherever it was made.
+    return Settings(_env_file=None, database_url=database_url, data_dir=tmp_path / "data", api_key=None,
+                    status_cache_s=0)
 
 
 @pytest.fixture

@@ -1,3 +1,4 @@
+import asyncio
 import base64
 from collections.abc import Callable
 from typing import Annotated, TypeVar
@@ -10,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import crud
-from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep
-from app.models import ArtifactRole, Job, JobStatus, TriggerImage
+from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep, TTLCache
+from app.models import ArtifactRole, Job, JobStatus, Tenant, TriggerImage
 from app.problems import MEDIA_TYPE, Problem
 from app.schemas import JobPage, JobView, TriggerList, job_path, job_view, trigger_views
 from app.storage import read_chunks
@@ -79,26 +80,44 @@ def list_jobs(
     return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
 
 
-@router.get("/{job_id}", summary="A job's status, progress and result",
+@router.get("/{job_id}", summary="A job's status, progress and result", response_model=JobView,
             responses={401: PROBLEM, 404: PROBLEM})
-def read_job(job: JobDep, response: Response) -> JobView:
-    if not job.status.finished:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return job_view(job)
+async def read_job(job_id: str, request: Request, sessions: SessionsDep, tenant: CurrentTenant) -> Response:
+    # What clients poll, often many at once: a job read from the database is served again, as
+    # the same JSON, for BAERASE_STATUS_CACHE_S (the worker writes progress at most once a second
+    # anyway), and the polls that arrive while it is read wait for that one read. This process's
+    # own cancel and delete drop it at once.
+    recent: TTLCache[str, tuple[int, asyncio.Future[tuple[bytes, bool]]]] = request.app.state.recent_views
+    tenant_id, reading = recent.get(job_id) or (None, None)
+    if tenant_id != tenant.id:
+        reading = asyncio.ensure_future(run_in_threadpool(in_session, sessions, read_view, tenant, job_id))
+        recent.put(job_id, (tenant.id, reading))
+    body, finished = await asyncio.shield(reading)  # a client that leaves cancels no one's read
+    return Response(body, media_type="application/json",
+                    headers=None if finished else {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def read_view(session: Session, tenant: Tenant, job_id: str) -> tuple[bytes, bool]:
+    """The job as GET /jobs/{id} answers it (JSON), and whether it has finished."""
+    view = job_view(crud.get_job(session, tenant, job_id))
+    return view.model_dump_json().encode(), view.status.finished
 
 
 @router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (best effort)",
              responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def cancel_job(job: JobDep, sessions: SessionsDep) -> JobView:
+def cancel_job(job: JobDep, sessions: SessionsDep, request: Request) -> JobView:
     with sessions() as session:
-        return job_view(crud.cancel_job(session, job))
+        view = job_view(crud.cancel_job(session, job))
+    request.app.state.recent_views.pop(str(job.id))
+    return view
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job, its files and results",
                responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
-def delete_job(job: JobDep, sessions: SessionsDep, store: StoreDep) -> Response:
+def delete_job(job: JobDep, sessions: SessionsDep, store: StoreDep, request: Request) -> Response:
     with sessions() as session:
         crud.delete_job(session, store, job)
+    request.app.state.recent_views.pop(str(job.id))
     return Response(status_code=204)
 
 
