@@ -4,3 +4,9 @@ class InputError(ValueError):
 
 class Cancelled(Exception):
     """The run was cancelled between two steps."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters."""
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]

@@ -7,7 +7,7 @@ Model formats (told apart by their bytes, not their names):
 The last two need a built-in architecture (see architectures.py).
 """
 
-import io
+import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -15,18 +15,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from .architectures import ARCHITECTURES, build_model
-from .errors import InputError
+from .errors import InputError, first_line
+from .sample_sizes import DAMAGED_ZIP, SampleLayout, image_members, inspect_samples, open_image
 from .operations import check_archive, check_operations
 
-MAX_SAMPLES = 100_000
-MAX_UNZIPPED_BYTES = 2 * 1024**3
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def sniff_model_format(head: bytes, zip_names: list[str] | None) -> str | None:
@@ -110,6 +107,12 @@ def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
             state = load_safetensors(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Not torch's text: it advises loading with weights_only=False, which would run the pickle.
+        raise InputError(
+            f"cannot read weights from {path.name}: it holds pickled objects (only plain tensors "
+            "are accepted; arbitrary pickled objects are refused)"
+        ) from e
     except Exception as e:
         raise InputError(
             f"cannot read weights from {path.name}: {first_line(e)} (only plain tensors are "
@@ -150,64 +153,42 @@ class Samples:
 def load_samples(path: Path, class_names: list[str] | None = None) -> Samples:
     if not path.exists():
         raise InputError(f"sample file {path} does not exist")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith(".npy") for name in archive.namelist()):
-                x, y = read_npz(path)
-                names = None
-            else:
-                x, y, names = read_image_folder_zip(archive, class_names)
-    else:
+    if not zipfile.is_zipfile(path):
         raise InputError(
             f"{path.name} is neither an .npz (arrays x and y) nor a .zip of class folders of images"
         )
-    if len(y) == 0:
-        raise InputError("the sample set is empty")
-    if len(y) > MAX_SAMPLES:
-        raise InputError(f"the sample set has {len(y)} images; at most {MAX_SAMPLES} are accepted")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            layout = inspect_samples(archive)  # the limits, from the headers, before decoding
+            if layout.kind == "npz":
+                x, y = read_npz(path)
+                names = None
+            else:
+                x, y, names = read_image_folder_zip(archive, class_names, layout)
+    except DAMAGED_ZIP as e:
+        raise InputError(f"cannot read {path.name}: {first_line(e)}") from e
     return Samples(x, y, names)
 
 
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y of an .npz that inspect_samples has checked."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files or "y" not in data.files:
-                raise InputError(f"{path.name} must hold arrays named x and y; it has {data.files}")
             x, y = data["x"], data["y"]
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (ValueError, *DAMAGED_ZIP) as e:
         raise InputError(f"cannot read {path.name} as .npz: {first_line(e)}") from e
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise InputError(f"y must be a 1-D integer array; got dtype {y.dtype}, shape {y.shape}")
-    if len(x) != len(y):
-        raise InputError(f"x has {len(x)} images but y has {len(y)} labels")
-    if x.dtype == np.uint8 and x.ndim in (3, 4):
+    if x.dtype == np.uint8:
         images = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
         xt = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
-    elif x.dtype == np.float32 and x.ndim == 4:
-        if x.size and (x.min() < 0 or x.max() > 1):
-            raise InputError("float32 x must already be scaled to [0, 1]")
+    else:  # float32 (N, C, H, W), finite and in [0, 1]
         xt = torch.from_numpy(np.ascontiguousarray(x))
-    else:
-        raise InputError(
-            "x must be uint8 of shape (N,H,W) or (N,H,W,C), or float32 (N,C,H,W) in [0,1]; "
-            f"got dtype {x.dtype}, shape {x.shape}"
-        )
     return xt, torch.from_numpy(y.astype(np.int64))
 
 
-def read_image_folder_zip(archive: zipfile.ZipFile, class_names: list[str] | None):
-    files = [
-        info for info in archive.infolist()
-        if not info.is_dir() and PurePosixPath(info.filename).suffix.lower() in IMAGE_SUFFIXES
-        and not PurePosixPath(info.filename).name.startswith(".")
-        and "__MACOSX" not in info.filename
-    ]
-    if not files:
-        raise InputError("the zip holds no PNG or JPEG images in class folders")
-    if sum(info.file_size for info in files) > MAX_UNZIPPED_BYTES:
-        raise InputError("the images in the zip are larger than 2 GiB unpacked")
-    if len(files) > MAX_SAMPLES:
-        raise InputError(f"the zip has {len(files)} images; at most {MAX_SAMPLES} are accepted")
+def read_image_folder_zip(archive: zipfile.ZipFile, class_names: list[str] | None, layout: SampleLayout):
+    """The images of a class-folder zip that inspect_samples has checked (``layout``), decoded
+    one at a time into one uint8 array."""
+    files = sorted(image_members(archive), key=lambda info: info.filename)
 
     def class_of(name: str) -> str:
         parts = PurePosixPath(name).parts
@@ -222,25 +203,16 @@ def read_image_folder_zip(archive: zipfile.ZipFile, class_names: list[str] | Non
         raise InputError(f"class folders {sorted(unknown)} are not in class_names {names}")
     index = {name: i for i, name in enumerate(names)}
 
-    images, labels = [], []
-    for info in sorted(files, key=lambda i: i.filename):
-        try:
-            images.append(Image.open(io.BytesIO(archive.read(info))))
-            images[-1].load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"cannot decode image {info.filename}: {first_line(e)}") from e
+    gray = layout.channels == 1
+    x = np.empty((layout.count, layout.height, layout.width) + (() if gray else (3,)), np.uint8)
+    labels = []
+    for i, info in enumerate(files):
+        with archive.open(info) as file:
+            image = open_image(file, info.filename)
+            try:
+                x[i] = np.asarray(image.convert("L" if gray else "RGB"))
+            except (OSError, ValueError) as e:  # truncated or corrupt pixel data
+                raise InputError(f"cannot decode image {info.filename}: {first_line(e)}") from e
         labels.append(index[class_of(info.filename)])
-    gray = all(im.mode in ("1", "L", "LA", "I", "I;16") for im in images)
-    arrays = [np.asarray(im.convert("L" if gray else "RGB")) for im in images]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise InputError(f"all images must have the same size; found {sorted(shapes)[:3]}")
-    x = np.stack(arrays)
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(x)).float().div_(255), torch.tensor(labels), names
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:limit]
-
