@@ -200,6 +200,11 @@ def apply_landlock(result: Confinement, read: list[Path], write: list[Path]) -> 
         grants += [(p, DEVICE) for p in gpu_devices()]
         for path, rights in grants:
             add_path_rule(ruleset, path, rights & handled_fs)
+    except OSError as e:  # nothing is restricted yet: say so rather than half-apply the rules
+        os.close(ruleset)
+        result.missing.append(str(e))
+        return
+    try:
         if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
             result.missing.append(f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
             return

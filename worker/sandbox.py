@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,8 +106,10 @@ def run_sandboxed(task: str, argument: dict, read: list[Path], write: list[Path]
     job = {"task": task, "argument": argument, "read": [str(Path(p).resolve()) for p in read],
            "write": [str(Path(p).resolve()) for p in write], "require": require, "cpu_time_s": limits.cpu_time_s,
            "address_space_bytes": address_space_bytes}
-    with tempfile.TemporaryDirectory(prefix="baerase-sandbox-") as scratch:
-        for message in run_child(job, Path(scratch), limits, check_cancel):
+    # closing: the child is killed when we stop listening, before its scratch directory goes.
+    with tempfile.TemporaryDirectory(prefix="baerase-sandbox-") as scratch, \
+            closing(run_child(job, Path(scratch), limits, check_cancel)) as messages:
+        for message in messages:
             if "progress" in message and progress:
                 progress(*message["progress"])
             elif "result" in message:
@@ -118,9 +121,10 @@ def run_sandboxed(task: str, argument: dict, read: list[Path], write: list[Path]
 
 def probe() -> confine.Confinement:
     """What confinement this machine gives the engine: a child confines itself and says."""
-    with tempfile.TemporaryDirectory(prefix="baerase-sandbox-") as scratch:
-        for message in run_child({"probe": True, "read": [], "write": []}, Path(scratch),
-                                 Limits(wall_time_s=60), None):
+    with tempfile.TemporaryDirectory(prefix="baerase-sandbox-") as scratch, \
+            closing(run_child({"probe": True, "read": [], "write": []}, Path(scratch),
+                              Limits(wall_time_s=60), None)) as messages:
+        for message in messages:
             if "confinement" in message:
                 return confine.Confinement(**message["confinement"])
     raise SandboxError("the sandbox probe ended without an answer")
