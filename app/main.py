@@ -3,6 +3,7 @@ default). It stores uploads and reads results; it never imports torch or loads a
 broker (production mode) it announces each new job to the Celery workers; without one, workers
 poll the database."""
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -42,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # connection while it runs (app/api/deps.py): with as many connections as threads, none
         # waits for a connection.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        # The objects made at start-up live as long as the process: leave them out of the garbage
+        # collector's full passes, which otherwise stall every request now and then.
+        gc.freeze()
         if settings.api_key:
             await run_in_threadpool(register_env_key, sessions, settings)
         yield
