@@ -1,4 +1,3 @@
-import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
@@ -39,7 +38,9 @@ def jobs_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: uuid.UUID) -> HTMLResponse:
+def job_page(request: Request, job_id: str) -> HTMLResponse:
+    if crud.canonical_uuid(job_id) is None:  # a job has one URL, as in the API
+        raise Problem(404, f"there is no job {job_id}")
     return page(request, f"Job {job_id}", f"/ui/fragments/jobs/{job_id}")
 
 
