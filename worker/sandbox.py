@@ -260,7 +260,7 @@ def child_main() -> None:
             send(error="memory")
             return
         traceback.print_exc()  # for the operator's log: the job's error names only the type
-        send(error="internal", message=f"the engine failed ({type(e).__name__}); the worker's log has the details")
+        send(error="internal", message=f"the engine failed ({type(e).__name__}); its traceback is in the log (stderr)")
     else:
         send(result=result)
 

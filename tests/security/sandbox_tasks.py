@@ -1,5 +1,6 @@
 """Tasks that tests/security/test_sandbox.py runs in the sandbox, in place of the engine: each
-tries something a model that got past the operation allow-list might, and says what happened."""
+tries something a model that got past the operation allow-list might, and says what happened.
+``sandbox_children`` is for the tests themselves."""
 
 import os
 import socket
@@ -65,3 +66,18 @@ def allocate(argument: dict, progress) -> int:
 def burn_cpu(argument: dict, progress) -> None:
     while True:
         pass
+
+
+def sandbox_children() -> list[int]:
+    """Live sandbox processes that the calling (test) process started."""
+    children = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        children += (task / "children").read_text().split()
+    alive = []
+    for pid in children:
+        try:
+            if "worker.sandbox" in Path(f"/proc/{pid}/cmdline").read_text():
+                alive.append(int(pid))
+        except OSError:  # it exited meanwhile
+            pass
+    return alive

@@ -2,8 +2,6 @@
 sandbox kills the engine's process and the job fails with time_limit. The model here runs
 forever on allowed operations, so only the limit can stop it."""
 
-import os
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from app.core.config import Settings
 from tests.api.test_celery_workers import broker, wait_until_finished, workers  # noqa: F401  (fixtures)
 from tests.security.payloads import RunsForever, samples, torchscript
+from tests.security.sandbox_tasks import sandbox_children
 from worker.jobs import run_job
 
 LIMIT_S = 3
@@ -39,7 +38,7 @@ def test_the_polling_worker_fails_a_job_at_the_time_limit(app, client, submit, a
     job = submit(model=endless_model, samples=samples()).json()
     assert run_job(app.state.sessions, app.state.store, app.state.settings, UUID(job["id"])) == "failed"
     assert_failed_at_the_limit(client.get(job["links"]["self"], headers=auth).json())
-    assert not live_children(), "the engine's process outlived its job"
+    assert not sandbox_children(), "the engine's process outlived its job"
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -50,9 +49,3 @@ def test_a_celery_worker_fails_a_job_at_the_time_limit(client, submit, auth, set
     workers.start()
     assert_failed_at_the_limit(wait_until_finished(client, auth, job, workers))
 
-
-def live_children() -> list[str]:
-    children = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        children += (task / "children").read_text().split()
-    return children

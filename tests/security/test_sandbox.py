@@ -1,12 +1,12 @@
 """The engine's sandbox on its own (worker/sandbox.py): what a model that got past the operation
 allow-list could try, run as a task in the sandbox's child in place of the engine."""
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.security.sandbox_tasks import sandbox_children
 from worker.sandbox import Limits, ResourceLimitExceeded, TimeLimitExceeded, probe, run_sandboxed
 from worker.sanitize.errors import Cancelled
 
@@ -97,10 +97,3 @@ def test_the_memory_limit_ends_the_child(limit):
         run("allocate", {"bytes": 2048 * mib if limit == "address space" else 512 * mib, "hold_s": 30}, **options)
     assert not sandbox_children()
 
-
-def sandbox_children() -> list[int]:
-    """Live processes that this test process started for the sandbox."""
-    children = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        children += (task / "children").read_text().split()
-    return [int(pid) for pid in children if "sandbox" in Path(f"/proc/{pid}/cmdline").read_text()]
