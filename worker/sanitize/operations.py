@@ -34,7 +34,8 @@ ALLOWED_OPERATIONS = frozenset({
     "aten::conv_transpose3d", "aten::_convolution", "aten::convolution", "aten::linear", "aten::bilinear",
     "aten::matmul", "aten::mm", "aten::bmm", "aten::mv", "aten::dot", "aten::addmm", "aten::addmv",
     "aten::addbmm", "aten::baddbmm", "aten::einsum", "aten::scaled_dot_product_attention",
-    "aten::_native_multi_head_attention", "aten::embedding",
+    "aten::_native_multi_head_attention", "aten::embedding", "aten::one_hot", "aten::cosine_similarity",
+    "aten::pairwise_distance", "aten::cdist", "aten::channel_shuffle",
     # Activations.
     "aten::relu", "aten::relu_", "aten::relu6", "aten::leaky_relu", "aten::leaky_relu_", "aten::elu",
     "aten::elu_", "aten::selu", "aten::selu_", "aten::celu", "aten::celu_", "aten::gelu", "aten::silu",
@@ -106,6 +107,8 @@ ALLOWED_OPERATIONS = frozenset({
     # worker's log.
     "aten::warn",
     # The interpreter's own nodes: constants, attributes, control flow, tuples and lists, types.
+    # Not prim::CreateObject, prim::Enter or prim::Exit: a `with` block (even torch.no_grad())
+    # runs __enter__/__exit__ code that no graph walked here contains.
     "prim::Constant", "prim::GetAttr", "prim::SetAttr", "prim::If", "prim::Loop", "prim::ListConstruct",
     "prim::ListUnpack", "prim::TupleConstruct", "prim::TupleUnpack", "prim::TupleIndex",
     "prim::DictConstruct", "prim::unchecked_cast", "prim::Uninitialized", "prim::RaiseException",
