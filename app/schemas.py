@@ -17,7 +17,7 @@ class Progress(BaseModel):
 
 class JobError(BaseModel):
     code: str = Field(description="invalid_input (the message says what to fix), time_limit, "
-                                  "worker_lost or internal_error")
+                                  "resource_limit, worker_lost or internal_error")
     message: str
 
 
