@@ -20,6 +20,7 @@ import errno
 import os
 import platform
 import resource
+import signal
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,8 +267,6 @@ def apply_seccomp(result: Confinement) -> None:
 def die_with_parent(parent_pid: int) -> None:
     """Asks the kernel to kill this process when its parent dies (a worker killed by Celery's hard
     time limit, or by the OOM killer), so that no engine runs on unsupervised."""
-    import signal
-
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # it died before the line above
         os._exit(1)
