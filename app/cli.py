@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def sanitize_command(args: argparse.Namespace) -> int:
+    import logging
+
     from pydantic import ValidationError
     from tqdm import tqdm
 
@@ -41,9 +43,12 @@ def sanitize_command(args: argparse.Namespace) -> int:
         bar.set_description_str(f"{stage}: {message}"[:60].ljust(60))
         bar.update(int(fraction * 1000) - bar.n)
 
+    # The model is untrusted code: it runs sandboxed, as in the service, but where this machine
+    # cannot confine it fully the run goes on (the machine is the user's own) with this warning.
+    sandbox_warnings = logging.StreamHandler(sys.stderr)
+    sandbox_warnings.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("worker.sandbox").addHandler(sandbox_warnings)
     try:
-        # The model is untrusted code: it runs sandboxed, as in the service, but where this
-        # machine cannot confine it fully the run goes on with a warning (it is the user's own).
         report = run_sanitize_sandboxed(args.model, args.samples, args.out, config, progress, require=False)
     except InputError as e:
         bar.close()
@@ -176,9 +181,9 @@ def sandbox_ready(settings) -> bool:
         log.info("engine sandbox: %s", confinement.describe())
         return True
     if settings.sandbox_required:
-        log.error("cannot confine the engine on this machine (%s): uploaded models would run with "
-                  "this worker's access to files and network. See docs/deploy.md, \"Sandbox\"; "
-                  "BAERASE_SANDBOX_REQUIRED=false runs them anyway", confinement.describe())
+        log.error("cannot confine the engine fully on this machine (%s). See docs/deploy.md, \"Sandbox\"; "
+                  "BAERASE_SANDBOX_REQUIRED=false runs uploaded models anyway, less confined",
+                  confinement.describe())
         return False
     log.warning("the engine runs with an incomplete sandbox: %s (see docs/deploy.md, \"Sandbox\")",
                 confinement.describe())

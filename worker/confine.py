@@ -243,7 +243,18 @@ def apply_seccomp(result: Confinement) -> None:
     if target is None:
         result.missing.append(f"seccomp filter: no syscall table for {platform.machine()}")
         return
-    arch, refused = target
+    try:
+        deny_syscalls(target[1])
+    except OSError as e:
+        result.missing.append(f"seccomp filter: {e.strerror}")
+        return
+    result.seccomp = True
+
+
+def deny_syscalls(numbers: tuple[int, ...]) -> None:
+    """Makes these syscalls (by this architecture's numbers) fail with EPERM in this process and
+    all it starts, for good."""
+    arch = SECCOMP_TARGETS[platform.machine()][0]
     deny = SECCOMP_RET_ERRNO | errno.EPERM
     # A classic BPF program over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
     # Syscalls of another ABI (i386 through int 0x80, x32) are refused outright: their numbers
@@ -252,16 +263,15 @@ def apply_seccomp(result: Confinement) -> None:
                (BPF_JEQ_K, 1, 0, arch),
                (BPF_RET_K, 0, 0, deny),
                (BPF_LD_W_ABS, 0, 0, 0),  # nr
-               (BPF_JGE_K, len(refused) + 1, 0, X32_SYSCALL_BIT)]
-    program += [(BPF_JEQ_K, len(refused) - i, 0, nr) for i, nr in enumerate(refused)]
+               (BPF_JGE_K, len(numbers) + 1, 0, X32_SYSCALL_BIT)]
+    program += [(BPF_JEQ_K, len(numbers) - i, 0, nr) for i, nr in enumerate(numbers)]
     program += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, deny)]
     filters = (SockFilter * len(program))(*(SockFilter(*instruction) for instruction in program))
     fprog = SockFprog(len(program), filters)
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.cast(ctypes.byref(fprog), ctypes.c_void_p).value,
-                  0, 0) != 0:
-        result.missing.append(f"seccomp filter: {os.strerror(ctypes.get_errno())}")
-        return
-    result.seccomp = True
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(
+            PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.cast(ctypes.byref(fprog), ctypes.c_void_p).value, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def die_with_parent(parent_pid: int) -> None:
