@@ -22,6 +22,7 @@ import platform
 import resource
 import signal
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,9 +86,12 @@ SECCOMP_TARGETS = {
     "aarch64": (0xC00000B7, (198, 425, 426, 427, 117, 270, 271, 45)),
 }
 
+# Elsewhere (macOS) these syscall numbers mean other things: nothing here is called there.
+LINUX = sys.platform == "linux"
 libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+if LINUX:
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 class RulesetAttr(ctypes.Structure):
@@ -138,6 +142,8 @@ class Confinement:
 
 def landlock_abi() -> tuple[int, str]:
     """The kernel's Landlock ABI version (0: none) and, when 0, why."""
+    if not LINUX:
+        return 0, f"Landlock exists only on Linux, not on {sys.platform}"
     abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
                        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
     if abi >= 0:
@@ -155,6 +161,9 @@ def confine(read: list[Path], write: list[Path], memory_bytes: int | None = None
     engine needs, and writing ``write``; refuses sockets; applies the limits. Irreversible."""
     result = Confinement()
     set_rlimits(result, memory_bytes, cpu_time_s)
+    if not LINUX:
+        result.missing.append(f"Landlock and seccomp exist only on Linux, not on {sys.platform}")
+        return result
     # Both Landlock and seccomp filters need this without CAP_SYS_ADMIN; it also keeps setuid
     # programs from gaining privileges.
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -277,6 +286,8 @@ def deny_syscalls(numbers: tuple[int, ...]) -> None:
 def die_with_parent(parent_pid: int) -> None:
     """Asks the kernel to kill this process when its parent dies (a worker killed by Celery's hard
     time limit, or by the OOM killer), so that no engine runs on unsupervised."""
+    if not LINUX:
+        return
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # it died before the line above
         os._exit(1)
