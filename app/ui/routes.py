@@ -46,17 +46,20 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
 
 @router.get("/fragments/jobs")
 def jobs_fragment(request: Request, sessions: SessionsDep, tenant: CurrentTenant) -> HTMLResponse:
-    with sessions() as session:
+    with sessions() as session:  # views too: a view may read the job's deferred columns
         jobs, more = crud.list_jobs(session, tenant, None, LIST_SIZE, None)
+        views = [job_view(job) for job in jobs]
     # The list refreshes itself for as long as it is open: new jobs may arrive from anywhere.
     return templates.TemplateResponse(request, "jobs.html", {
-        "jobs": [job_view(job) for job in jobs], "more": more is not None, "tenant": tenant.name,
+        "jobs": views, "more": more is not None, "tenant": tenant.name,
     }, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @router.get("/fragments/jobs/{job_id}")
 def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLResponse:
-    context = {"job": job_view(job)}
+    with sessions() as session:
+        session.add(job)  # attached again (JobDep's session is closed): a view may read deferred columns
+        context = {"job": job_view(job)}
     if job.status == JobStatus.succeeded:
         with sessions() as session:
             report = session.scalar(select(Job.report).where(Job.id == job.id))

@@ -75,9 +75,9 @@ def list_jobs(
     page_size: Annotated[int, Query(ge=1, le=100)] = 20,
     page_token: str | None = None,
 ) -> JobPage:
-    with sessions() as session:
+    with sessions() as session:  # views too: a view may read the job's deferred columns
         jobs, next_token = crud.list_jobs(session, tenant, status, page_size, page_token)
-    return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
+        return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
 
 
 @router.get("/{job_id}", summary="A job's status, progress and result", response_model=JobView,
