@@ -13,9 +13,10 @@ from uuid import UUID
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tests.security.payloads import RunsForever, TinyCNN, WritesAFile, samples, torchscript
+from tests.security.payloads import TinyCNN, WritesAFile, samples, torchscript
 from worker.jobs import run_job
 from worker.sanitize.architectures import ARCHITECTURES, build_model
 from worker.sanitize.errors import InputError
@@ -43,8 +44,18 @@ def test_every_builtin_architecture_passes(name):
     check_operations(loaded(build_model(name, num_classes=10, in_channels=3)))
 
 
+def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """As torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt) computes it."""
+    if not training or p == 0.0:
+        return x
+    noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    return x * noise.bernoulli_(1.0 - p).div_(1.0 - p)
+
+
 class CommonLayers(nn.Module):
-    """Layers and functions that real classifiers use beyond the built-in architectures."""
+    """Layers and functions that real classifiers use beyond the built-in architectures, among
+    them the blocks of torchvision's MobileNetV3, EfficientNet, ConvNeXt and ViT (for where
+    torchvision is not installed)."""
 
     def __init__(self):
         super().__init__()
@@ -58,10 +69,15 @@ class CommonLayers(nn.Module):
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
         self.layer_norm = nn.LayerNorm(8)
         self.dropout = nn.Dropout2d(0.1)
+        self.squeeze, self.excite = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
+        torch._assert(x.dim() == 4, "expected NCHW images")
         x = self.depthwise(self.conv(x))
+        x = x * F.hardsigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+        x = x + stochastic_depth(x, 0.1, self.training)
+        x = self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         for norm in self.norms:
             x = norm(x)
         x = F.interpolate(self.up(x), size=(8, 8), mode="bilinear", align_corners=False)
@@ -76,11 +92,11 @@ class CommonLayers(nn.Module):
         return F.log_softmax(self.fc(F.normalize(x, dim=1)), dim=1)
 
 
-F = nn.functional
-
 
 def test_common_layers_pass():
-    check_operations(loaded(CommonLayers()))
+    model = loaded(CommonLayers())
+    check_operations(model)
+    assert model(torch.rand(2, 3, 8, 8)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_0",
