@@ -224,7 +224,10 @@ def resident_bytes(pid: int) -> int:
 
 def exit_description(status: int) -> str:
     if status < 0:
-        name = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else -status
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = str(-status)
         hint = " (out of memory?)" if status == -signal.SIGKILL else ""
         return f"was killed by signal {name}{hint}"
     return f"exited with status {status}"
