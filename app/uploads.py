@@ -18,7 +18,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from worker.sanitize.errors import InputError
-from worker.sanitize.sample_sizes import inspect_samples
+from worker.sanitize.sample_sizes import check_zip_directory, inspect_samples
 
 from .problems import Problem
 from .storage import ArtifactStore, StagedFile
@@ -253,6 +253,10 @@ def samples_suffix(path: Path, filename: str) -> str:
 
 
 def zip_names(path: Path, filename: str) -> list[str]:
+    try:
+        check_zip_directory(path, filename)  # before zipfile reads the directory into memory
+    except InputError as e:
+        raise Problem(422, str(e)) from None
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.namelist()

@@ -138,3 +138,43 @@ def test_pillows_warning_band_is_refused_too(tmp_path):
     path.write_bytes(zip_of({"a/0.png": png(10000, 10000, rows=b"")}))
     with pytest.raises(InputError, match="too large to decode"):
         load_samples(path)
+
+
+def zip_of_empty_entries(count: int) -> bytes:
+    """A real zip of ``count`` empty members, written field by field (zipfile would take long)."""
+    local, directory = [], []
+    offset = 0
+    for i in range(count):
+        name = f"{i:020d}".encode()
+        header = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0) + name
+        directory.append(struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0,
+                                     len(name), 0, 0, 0, 0, 0, offset) + name)
+        local.append(header)
+        offset += len(header)
+    directory_bytes = b"".join(directory)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, len(directory_bytes), offset, 0)
+    return b"".join(local) + directory_bytes + end
+
+
+@pytest.fixture(scope="module")
+def many_entries() -> bytes:
+    # 300,000 entries: 33 MiB on the wire, some 200 MiB of Python objects once zipfile reads them.
+    return zip_of_empty_entries(300_000)
+
+
+@pytest.mark.usefixtures("nothing_stored")
+@pytest.mark.parametrize("field", ["samples", "model"])
+def test_a_zip_of_countless_entries_is_refused_before_it_is_read(submit, many_entries, field):
+    response = submit(**{field: many_entries, f"{field}_name": "entries.zip"})
+    assert_problem(response, 422, "entries.zip", "zip entries")
+
+
+def test_the_loader_refuses_countless_entries_too(tmp_path, many_entries):
+    from worker.sanitize.errors import InputError
+    from worker.sanitize.loading import load_samples
+
+    path = tmp_path / "entries.zip"
+    path.write_bytes(many_entries)
+    assert len(zipfile.ZipFile(io.BytesIO(zip_of_empty_entries(3))).namelist()) == 3  # a real zip
+    with pytest.raises(InputError, match="zip entries"):
+        load_samples(path)

@@ -21,7 +21,8 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, build_model
 from .errors import InputError, first_line
-from .sample_sizes import DAMAGED_ZIP, SampleLayout, image_members, inspect_samples, open_image
+from .sample_sizes import (DAMAGED_ZIP, SampleLayout, check_zip_directory, image_members,
+                           inspect_samples, open_image)
 from .operations import check_archive, check_operations
 
 
@@ -157,6 +158,7 @@ def load_samples(path: Path, class_names: list[str] | None = None) -> Samples:
         raise InputError(
             f"{path.name} is neither an .npz (arrays x and y) nor a .zip of class folders of images"
         )
+    check_zip_directory(path, path.name)
     try:
         with zipfile.ZipFile(path) as archive:
             layout = inspect_samples(archive)  # the limits, from the headers, before decoding

@@ -9,11 +9,13 @@ loading (loading.py); it needs no torch.
 """
 
 import math
+import os
+import struct
 import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 import numpy as np
@@ -31,6 +33,10 @@ MAX_DECODED_BYTES = 2 * 1024**3
 MAX_IMAGE_FILE_BYTES = 64 * 1024**2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16"}
+# A zip's central directory: zipfile reads it whole and makes an object of every entry, so a
+# 1 GiB upload of empty entries would take tens of GiB. 100,000 images with names of 100
+# characters need about 15 MiB.
+MAX_ZIP_DIRECTORY_BYTES = 16 * 1024**2
 # What reading a member of a broken or forged zip raises.
 DAMAGED_ZIP = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 # Float pixels are checked this many bytes at a time, so that the check needs little memory.
@@ -78,6 +84,32 @@ def inspect_samples(archive: zipfile.ZipFile) -> SampleLayout:
         except DAMAGED_ZIP as e:
             raise InputError(f"the zip is damaged: {first_line(e)}") from e
     return layout
+
+
+def check_zip_directory(path: Path, name: str) -> None:
+    """Refuses the zip (called ``name`` in messages) whose central directory is larger than
+    MAX_ZIP_DIRECTORY_BYTES, from its end records (PKWARE APPNOTE 4.3.14-4.3.16), before zipfile
+    reads it."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 22 - 65535))  # the end record, then a comment of at most 64 KiB
+        tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) - end < 22:
+            raise InputError(f"{name} is not a complete zip archive (truncated upload?)")
+        (directory_bytes,) = struct.unpack_from("<I", tail, end + 12)
+        locator = end - 20  # zip64: the 32-bit field is full and the size is in the zip64 end record
+        if directory_bytes == 0xFFFFFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+            (record,) = struct.unpack_from("<Q", tail, locator + 8)
+            f.seek(record)
+            zip64_end = f.read(56)
+            if len(zip64_end) < 56 or not zip64_end.startswith(b"PK\x06\x06"):
+                raise InputError(f"{name} is not a complete zip archive (truncated upload?)")
+            (directory_bytes,) = struct.unpack_from("<Q", zip64_end, 40)
+    if directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise InputError(f"{name} lists {directory_bytes / 1024**2:.0f} MiB of zip entries; at most "
+                         f"{MAX_ZIP_DIRECTORY_BYTES // 1024**2} MiB are accepted (far more than "
+                         f"{MAX_SAMPLES:,} images need)")
 
 
 def npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
