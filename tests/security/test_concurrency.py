@@ -3,14 +3,12 @@ a thread pool (and so a connection pool) of only 4, all answer 2xx; none waits f
 connection it cannot get. Nothing here measures time (docs/deploy.md has the wrk figures)."""
 
 import asyncio
-import threading
 
 import httpx
 import pytest
-import uvicorn
 
 from app.main import create_app
-from tests.api.support import free_port, wait_for
+from tests.security.refusals import server  # noqa: F401  (a fixture)
 
 CLIENTS = 100
 
@@ -19,18 +17,6 @@ CLIENTS = 100
 def settings(settings):
     # status_cache_s stays 0 (tests/api/conftest.py): every read goes to the database.
     return settings.model_copy(update={"api_threads": 4})
-
-
-@pytest.fixture
-def server(settings):
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the server")
-    yield app, f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=60)
 
 
 def test_a_hundred_concurrent_status_reads_all_answer(server, torchscript_model, samples):

@@ -2,11 +2,14 @@
 answers 429 with Retry-After and stores nothing. Other tenants are not affected, and a retried
 submit (same Idempotency-Key) still gets its job."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.security.refusals import assert_problem
+from app.core.security import create_api_key
+from tests.security.refusals import assert_problem, server  # noqa: F401  (a fixture)
 
 LIMIT = 2
 
@@ -38,3 +41,20 @@ def test_submits_beyond_the_limit_are_429(client, submit, auth, other_auth, sett
 
     client.post(jobs[0]["links"]["cancel"], headers=auth)  # a finished job no longer counts
     assert submit().status_code == 202
+
+
+def test_concurrent_submits_do_not_exceed_the_limit(server, settings, torchscript_model, samples):
+    app, url = server
+    with app.state.sessions() as session:
+        headers = {"Authorization": f"Bearer {create_api_key(session, 'acme')}"}
+
+    def post(_) -> int:
+        files = {"model": ("m.pt", torchscript_model), "samples": ("s.npz", samples)}
+        return httpx.post(f"{url}/jobs", headers=headers, files=files, timeout=120).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(post, range(8)))
+    assert statuses == [202] * LIMIT + [429] * (8 - LIMIT)
+    jobs = httpx.get(f"{url}/jobs", headers=headers).json()["jobs"]
+    assert len(jobs) == LIMIT
+    assert len([p for p in stored_files(settings) if p.parent.parent.name == "jobs"]) == 2 * LIMIT
