@@ -185,7 +185,7 @@ def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
         return datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # whatever a forged token holds
         raise Problem(422, "page_token is not valid; pass the next_page_token of the previous "
                            "page unchanged") from None
 

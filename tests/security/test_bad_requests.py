@@ -2,9 +2,8 @@
 bodies, configs nested 5,000 deep or holding NaN/Infinity, seeds out of range, job ids in other
 spellings, methods a path does not answer; and a refused pickle's message gives no dangerous advice."""
 
-import io
+import base64
 import json
-import logging
 import uuid
 
 import pytest
@@ -85,6 +84,13 @@ def test_seeds_out_of_range_are_422(submit, seed):
 def test_a_config_the_engine_refuses_is_422_with_each_field(submit):
     body = assert_problem(submit(config={"seed": "zero", "recovery": {"nope": 1}}), 422, "config.seed")
     assert {e["loc"] for e in body["errors"]} == {"config.seed", "config.recovery.nope"}
+
+
+@pytest.mark.parametrize("token", [[1, 2], ["2026-01-01T00:00:00", 7], "[" * 20_000, "{}", "null"])
+def test_forged_page_tokens_are_422(client, auth, token):
+    text = token if isinstance(token, str) else json.dumps(token)
+    forged = base64.urlsafe_b64encode(text.encode()).decode()
+    assert_problem(client.get("/jobs", params={"page_token": forged}, headers=auth), 422, "page_token")
 
 
 def test_only_canonical_job_ids_name_a_job(client, submit, auth):
