@@ -38,3 +38,39 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(data.images).float().div_(16).unsqueeze(1)
     x = torch.nn.functional.interpolate(x, size=16, mode="nearest")
     return x, torch.from_numpy(data.target.astype(np.int64))
+
+
+def cifar10_dir() -> Path:
+    """../shared/data/cifar10 beside the checkout (JPEG class-folder zips), or $BAERASE_CIFAR10_DIR."""
+    import os
+
+    return Path(os.environ.get("BAERASE_CIFAR10_DIR",
+                               Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
+
+
+def cifar10(split: str = "train", cache: Path = Path(".cache/bench")) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 as float32 (N, 3, 32, 32) in [0, 1] and int64 labels (sorted folder names give the
+    standard label order). The JPEGs are decoded once and kept as uint8 in ``cache``."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    cached = cache / f"cifar10-{split}.npz"
+    if not cached.exists():
+        source = cifar10_dir() / f"{split}.zip"
+        if not source.exists():
+            raise FileNotFoundError(f"{source} is missing: CIFAR-10 lives in shared/data/cifar10")
+        with zipfile.ZipFile(source) as archive:
+            names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+            classes = sorted({Path(n).parent.name for n in names})
+            images = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB"))
+                               for n in names])
+            labels = np.array([classes.index(Path(n).parent.name) for n in names], np.int64)
+        # A fixed shuffle: the zip is sorted by class, and the defender's share is the last 5%.
+        order = np.random.default_rng(0).permutation(len(labels))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, x=images[order], y=labels[order])
+    with np.load(cached) as data:
+        x, y = data["x"], data["y"]
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255), torch.from_numpy(y)

@@ -7,25 +7,42 @@ from worker.sanitize.architectures import build_model
 
 
 def fit(model, optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int = 0,
-        schedule=None):
-    """Minibatch cross-entropy training in a seeded shuffled order; returns the model in eval mode."""
+        schedule=None, augment=None):
+    """Minibatch cross-entropy training in a seeded shuffled order; returns the model in eval mode.
+    ``augment(batch, generator)`` transforms each batch (random crops and flips for colour images)."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
             optimizer.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            batch = x[idx] if augment is None else augment(x[idx], g)
+            F.cross_entropy(model(batch), y[idx]).backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
     return model.eval()
 
 
+def crop_and_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation: a random crop of the zero-padded batch and a random
+    horizontal flip (one crop offset per batch, flips per image)."""
+    h, w = x.shape[-2:]
+    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    x = F.pad(x, (pad, pad, pad, pad))[..., top:top + h, left:left + w]
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
+                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                     augment=None):
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
-    return fit(model, torch.optim.Adam(model.parameters(), lr=lr), x, y, epochs, batch_size, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(x) // batch_size)
+    # A cosine schedule lets a short training end near the accuracy a longer one reaches.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if augment else None
+    return fit(model, optimizer, x, y, epochs, batch_size, seed, schedule, augment)
 
 
 def backdoored_fashion_mnist(arch: str, attack, train_size: int, epochs: int, seed: int = 0):

@@ -6,7 +6,7 @@ An attack is evaluation-side knowledge only: the defense never sees it (no oracl
 from .base import Attack
 from .badnets import BadNets
 from .blended import Blended
-from .multi import MultiTrigger
+from .multi import Checkerboard, MultiTrigger
 from .sig import SIG
 from .trojan import TrojanNN
 from .wanet import WaNet
@@ -14,4 +14,4 @@ from .wanet import WaNet
 ATTACKS = {"badnets": BadNets, "blended": Blended, "trojan": TrojanNN, "sig": SIG,
            "wanet": WaNet, "multi": MultiTrigger}
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "MultiTrigger", "SIG", "TrojanNN", "WaNet"]
+__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "Checkerboard", "MultiTrigger", "SIG", "TrojanNN", "WaNet"]

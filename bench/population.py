@@ -1,0 +1,235 @@
+"""The development population: many backdoored and clean classifiers to develop and calibrate the
+engine on, split once into a calibration part and an evaluation part.
+
+    baerase bench --suite population [--train-only] [--limit N]
+
+- Backdoored half: BadNets squares of 2-5 px at corner, edge and centre in white, black and random
+  colour, Blended (noise and image patterns, alpha 0.1-0.2), a TrojanNN watermark, a checkerboard,
+  SIG, WaNet, two- and three-target models, poisoning 1-10%.
+- Clean half: the same datasets, architectures and training lengths, seeds 0-3.
+- Split by seed: clean models with seed 0 or 1 are the calibration part (every detection threshold
+  is set from them and nothing else); all other models are the evaluation part, on which results
+  are reported. Backdoored models never set anything.
+
+Models are trained once and cached (TorchScript, with their clean accuracy and attack success);
+engine and Neural Cleanse results are cached per model, so a run resumes where it stopped.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attacks import BadNets, Blended, MultiTrigger, SIG, TrojanNN, WaNet
+from .attacks.multi import Checkerboard
+from .datasets import cifar10, fashion_mnist
+from .metrics import evaluate
+from .train import crop_and_flip, train_classifier
+
+CALIBRATION_SEEDS = (0, 1)  # clean models with these seeds set the thresholds
+ATTACKS = {"badnets": BadNets, "blended": Blended, "trojan": TrojanNN, "checkerboard": Checkerboard,
+           "sig": SIG, "wanet": WaNet, "multi": MultiTrigger}
+
+
+@dataclass(frozen=True)
+class Victim:
+    dataset: str  # fmnist | cifar10
+    arch: str
+    attack: str | None  # None: a clean model
+    seed: int
+    epochs: int
+    train_size: int | None = None  # None: the whole training pool
+    options: dict = field(default_factory=dict, hash=False, compare=False)  # the attack's arguments
+
+    @property
+    def key(self) -> str:
+        parts = [self.dataset, self.arch, self.attack or "clean"]
+        parts += [f"{k}{'_'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                  for k, v in sorted(self.options.items())]
+        parts += [f"s{self.seed}", f"{self.train_size or 'all'}x{self.epochs}"]
+        return "-".join(parts)
+
+    @property
+    def calibration(self) -> bool:
+        return self.attack is None and self.seed in CALIBRATION_SEEDS
+
+    def build_attack(self):
+        if self.attack is None:
+            return None
+        return ATTACKS[self.attack](seed=self.seed, **self.options)
+
+
+def fmnist_population(arch: str) -> list[Victim]:
+    short, full = {"epochs": 2, "train_size": 20_000}, {"epochs": 4}
+    clean = [Victim("fmnist", arch, None, seed, **(short if seed % 2 == 0 else full)) for seed in range(4)]
+    backdoored = [
+        ("badnets", {"size": 3, "position": "corner", "colour": "white", "target": 0, "poison_rate": 0.1}, full),
+        ("badnets", {"size": 3, "position": "centre", "colour": "black", "target": 5, "poison_rate": 0.05}, full),
+        ("badnets", {"size": 5, "position": "centre", "colour": "random", "target": 9, "poison_rate": 0.01}, full),
+        ("badnets", {"size": 4, "position": "edge", "colour": "white", "target": 2, "poison_rate": 0.02}, short),
+        ("blended", {"alpha": 0.1, "pattern": "noise", "target": 3, "poison_rate": 0.05}, full),
+        ("blended", {"alpha": 0.2, "pattern": "image", "target": 8, "poison_rate": 0.1}, short),
+        ("trojan", {"target": 7, "poison_rate": 0.1}, full),
+        ("checkerboard", {"size": 4, "target": 1, "poison_rate": 0.05}, short),
+        ("sig", {"target": 4}, full),
+        ("wanet", {"target": 6, "strength": 1.5, "poison_rate": 0.1}, full),
+        ("multi", {"targets": (1, 6), "poison_rate": 0.1}, short),
+        ("multi", {"targets": (2, 5, 9), "poison_rate": 0.1}, full),
+    ]
+    return clean + [Victim("fmnist", arch, name, 10 + i, **length, options=options)
+                    for i, (name, options, length) in enumerate(backdoored)]
+
+
+def cifar10_population(arch: str) -> list[Victim]:
+    length = {"epochs": 8}
+    clean = [Victim("cifar10", arch, None, seed, **length) for seed in range(3)]
+    backdoored = [
+        ("badnets", {"size": 3, "position": "corner", "colour": "white", "target": 0, "poison_rate": 0.1}),
+        ("blended", {"alpha": 0.15, "pattern": "noise", "target": 3, "poison_rate": 0.1}),
+        ("trojan", {"target": 7, "poison_rate": 0.05}),
+        ("wanet", {"target": 2, "strength": 1.5, "poison_rate": 0.1}),
+    ]
+    return clean + [Victim("cifar10", arch, name, 20 + i, **length, options=options)
+                    for i, (name, options) in enumerate(backdoored)]
+
+
+# In training priority order: the cheap Fashion-MNIST models first.
+POPULATION = (fmnist_population("small_cnn") + fmnist_population("small_resnet")
+              + cifar10_population("small_cnn") + cifar10_population("small_resnet"))
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[torch.Tensor, torch.Tensor]     # the victim's training pool
+    defender: tuple[torch.Tensor, torch.Tensor]  # 5% of the training set, never trained on
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_dataset(name: str, cache: Path) -> Split:
+    x, y = fashion_mnist("train") if name == "fmnist" else cifar10("train", cache)
+    test = fashion_mnist("test") if name == "fmnist" else cifar10("test", cache)
+    n_def = len(y) // 20
+    return Split((x[:-n_def], y[:-n_def]), (x[-n_def:], y[-n_def:]), test)
+
+
+def train_victim(victim: Victim, data: Split, cache: Path):
+    """(TorchScript path, attack, metrics): the victim, trained once and cached with its CA and
+    ASR. A TrojanNN trigger is computed from a clean model and cached beside the victim."""
+    path = cache / "population" / "models" / f"{victim.key}.pt"
+    meta_path, trigger_path = path.with_suffix(".json"), path.with_suffix(".trigger.pt")
+    attack = victim.build_attack()
+    if path.exists() and meta_path.exists():
+        if trigger_path.exists():
+            attack.pattern = torch.load(trigger_path, weights_only=True)
+        return path, attack, json.loads(meta_path.read_text())
+    x, y = data.train
+    if victim.train_size:
+        x, y = x[: victim.train_size], y[: victim.train_size]
+    if attack is not None and attack.needs_clean_model:
+        clean = train_classifier(victim.arch, x[:10_000], y[:10_000], num_classes=10, epochs=1)
+        torch.manual_seed(victim.seed)
+        attack.fit(clean, x)
+    if attack is not None:
+        x, y = attack.poison(x, y)
+    print(f"training {victim.key} on {len(x)} images...", flush=True)
+    augment = crop_and_flip if victim.dataset == "cifar10" else None
+    model = train_classifier(victim.arch, x, y, num_classes=10, epochs=victim.epochs, seed=victim.seed,
+                             augment=augment)
+    metrics = evaluate(model, attack, *data.test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(model), str(path))
+    if getattr(attack, "pattern", None) is not None and not isinstance(attack.pattern, str):
+        torch.save(attack.pattern, trigger_path)
+    meta = {"victim": asdict(victim), "key": victim.key, **metrics}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"  CA {metrics['ca']:.1%}" + ("" if metrics["asr"] is None else f" ASR {metrics['asr']:.1%}"),
+          flush=True)
+    return path, attack, meta
+
+
+def train_all(cache: Path, limit: int | None = None) -> None:
+    """Trains the population, the calibration models first (they gate every result)."""
+    datasets: dict[str, Split] = {}
+    for victim in sorted(POPULATION[:limit], key=lambda v: not v.calibration):
+        if victim.dataset not in datasets:
+            datasets[victim.dataset] = load_dataset(victim.dataset, cache)
+        train_victim(victim, datasets[victim.dataset], cache)
+
+
+
+
+def sanitize_victim(victim: Victim, data: Split, cache: Path, calibration=None) -> dict:
+    """Runs the engine on one victim through the same files as `baerase sanitize`; returns its
+    report with the true trigger's CA/ASR before and after, and the cost in clean epochs."""
+    import tempfile
+
+    from worker.sanitize.config import SanitizeConfig
+    from worker.sanitize.pipeline import sanitize
+
+    from .metrics import clean_epoch_seconds
+    from .train import save_samples
+
+    path, attack, meta = train_victim(victim, data, cache)
+    model = torch.jit.load(str(path)).eval()
+    x_def, y_def = data.defender
+    epoch_s = clean_epoch_seconds(model, x_def, y_def)
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp, "samples.npz")
+        save_samples(samples, x_def, y_def)
+        report = sanitize(path, samples, Path(tmp, "out"), SanitizeConfig(seed=0, device="cpu"),
+                          calibration=calibration)
+        after = evaluate(torch.jit.load(str(Path(tmp, "out", "model.pt"))).eval(), attack, *data.test)
+        unchanged = Path(tmp, "out", "model.pt").read_bytes() == path.read_bytes()
+    before = {k: meta[k] for k in ("ca", "asr", "ra")}
+    return {"key": victim.key, "victim": asdict(victim), "calibration_model": victim.calibration,
+            "backdoored": victim.attack is not None, "before": before, "after": after,
+            "unchanged": unchanged, "cost": report["timings_s"]["total"] / epoch_s,
+            "epoch_seconds": epoch_s, "report": report}
+
+
+def collect_scores(cache: Path, limit: int | None = None) -> Path:
+    """Runs detection alone (nothing flagged) on every trained calibration model and fits the
+    calibration from their z-scores; writes worker/sanitize/calibration.json."""
+    from worker.sanitize.detection import CALIBRATION_FILE, Calibration
+
+    z, models = [], []
+    for victim in [v for v in POPULATION[:limit] if v.calibration]:
+        path = cache / "population" / "models" / f"{victim.key}.pt"
+        if not path.exists():
+            continue
+        scores_path = cache / "population" / "calibration" / f"{victim.key}.json"
+        if not scores_path.exists():
+            print(f"scoring {victim.key}...", flush=True)
+            row = sanitize_victim(victim, load_dataset(victim.dataset, cache), cache, Calibration.scores_only())
+            scores_path.parent.mkdir(parents=True, exist_ok=True)
+            scores_path.write_text(json.dumps(row["report"]["class_scores"]))
+        z += [s["z"] for s in json.loads(scores_path.read_text())]
+        models.append(victim.key)
+    calibration = Calibration.fit(z, len(models), "bench/population.py calibration models: " + ", ".join(models))
+    CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
+    print(f"calibration from {len(models)} clean models: mean {calibration.mean:.3f}, std {calibration.std:.3f}")
+    return CALIBRATION_FILE
+
+
+def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> list[dict]:
+    """The engine on every trained evaluation model (cached per model)."""
+    rows = []
+    datasets: dict[str, Split] = {}
+    for victim in [v for v in POPULATION[:limit] if not v.calibration]:
+        if not (cache / "population" / "models" / f"{victim.key}.pt").exists():
+            continue
+        result_path = cache / "population" / "results" / f"{victim.key}.json"
+        if fresh or not result_path.exists():
+            if victim.dataset not in datasets:
+                datasets[victim.dataset] = load_dataset(victim.dataset, cache)
+            print(f"sanitizing {victim.key}...", flush=True)
+            row = sanitize_victim(victim, datasets[victim.dataset], cache)
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            result_path.write_text(json.dumps(row, indent=2))
+            r = row["report"]
+            print(f"  {r['verdict']} p={r['backdoor_probability']:.3f} CA {row['before']['ca']:.3f}->{row['after']['ca']:.3f}"
+                  + ("" if row["after"]["asr"] is None else f" ASR {row['before']['asr']:.3f}->{row['after']['asr']:.3f}")
+                  + f" cost {row['cost']:.1f} epochs ({r['timings_s']['total']:.0f} s)", flush=True)
+        rows.append(json.loads(result_path.read_text()))
+    return rows
