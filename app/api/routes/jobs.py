@@ -54,18 +54,25 @@ async def create_job(
                                 settings.max_active_jobs_per_tenant)
     form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
     try:
-        job, replayed = await run_in_threadpool(in_session, sessions, crud.submit_job, store, tenant,
-                                                form, idempotency_key, settings)
+        view, replayed = await run_in_threadpool(in_session, sessions, submit_and_view, store, tenant,
+                                                 form, idempotency_key, settings)
     finally:
         form.discard()
     # After the commit, so a worker never gets a message for a job it cannot see yet. If this
     # fails the job still stands: a sweeper sends its message later.
     if not replayed and (queue := request.app.state.job_queue):
-        await run_in_threadpool(queue.announce, job.id)
-    response.headers["Location"] = job_path(job.id)
+        await run_in_threadpool(queue.announce, view.id)
+    response.headers["Location"] = job_path(view.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return job_view(job)
+    return view
+
+
+def submit_and_view(session: Session, *args) -> tuple[JobView, bool]:
+    """crud.submit_job, and the job's view made in the same session (a replayed job may have
+    finished, and a view may read the job's deferred columns)."""
+    job, replayed = crud.submit_job(session, *args)
+    return job_view(job), replayed
 
 
 @router.get("", summary="Your jobs, newest first", responses={401: PROBLEM, 422: PROBLEM})
