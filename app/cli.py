@@ -60,7 +60,8 @@ def sanitize_command(args: argparse.Namespace) -> int:
     bar.close()
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    summary = {k: report[k] for k in ("backdoor_detected", "detected_targets", "clean_accuracy",
+    summary = {k: report[k] for k in ("verdict", "verdict_reason", "backdoor_probability",
+                                      "detected_targets", "residual_targets", "clean_accuracy",
                                       "recovered_asr", "timings_s")}
     print(json.dumps(summary, indent=2))
     return 0
@@ -323,10 +324,12 @@ def describe_job(job) -> str:
         return f"{line}  {job.error['code']}: {job.error['message']}"
     if job.result is None:
         return line
-    if not job.result["backdoor_detected"]:
-        return f"{line}  no backdoor found"
+    verdict = job.result["verdict"]
+    if verdict in ("clean", "suspicious"):
+        return f"{line}  {verdict} (backdoor probability {job.result['backdoor_probability']:.2f}), model unchanged"
     accuracy = job.result["clean_accuracy"]
-    return (f"{line}  backdoor target(s) {', '.join(map(str, job.result['detected_targets']))}; "
+    targets = job.result["detected_targets" if verdict == "removed" else "residual_targets"]
+    return (f"{line}  {verdict}: backdoor target(s) {', '.join(map(str, targets))}; "
             f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}")
 
 

@@ -22,8 +22,14 @@ class JobError(BaseModel):
 
 
 class JobResult(BaseModel):
+    verdict: str = Field(description="clean (untouched), suspicious (untouched; verdict_reason says "
+                                     "why), removed (erased, and a new search finds no trigger) or "
+                                     "residual (the backdoor may survive)")
+    verdict_reason: str
+    backdoor_probability: float = Field(description="calibrated chance that the model is not clean")
     backdoor_detected: bool
     detected_targets: list[int]
+    residual_targets: list[int]
     clean_accuracy: dict[str, float] = Field(description="held-out accuracy before/after")
     recovered_asr: dict[str, dict[str, float]] = Field(
         description="per detected target: the recovered trigger's success rate before/after")
@@ -141,8 +147,12 @@ def job_result(job: Job) -> JobResult:
                 if name.startswith(prefix)}
 
     targets = job.detected_targets or []
+    report = job.report or {}
     return JobResult(
+        verdict=report.get("verdict", "clean"), verdict_reason=report.get("verdict_reason", ""),
+        backdoor_probability=report.get("backdoor_probability", 0.0),
         backdoor_detected=bool(job.backdoor_detected), detected_targets=targets,
+        residual_targets=report.get("residual_targets", []),
         clean_accuracy=under("clean_accuracy."),
         recovered_asr={str(t): under(f"recovered_asr.{t}.") for t in targets},
         timings=under("timings_s."),

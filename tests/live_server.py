@@ -16,7 +16,7 @@ from tests.api.support import PATIENCE_S, free_port, wait_for  # noqa: F401  (re
 
 REPO = Path(__file__).resolve().parents[1]
 # Small settings: these tests are about the service, not about the quality of the sanitization.
-QUICK_CONFIG = {"seed": 0, "unlearning": {"max_epochs": 2}}
+QUICK_CONFIG = {"seed": 0, "unlearning": {"epochs": 2}}
 
 
 @pytest.fixture(scope="session")

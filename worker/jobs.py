@@ -48,7 +48,7 @@ Sessions = sessionmaker[Session]
 # hears about either at most this often (a new stage is always written).
 DB_INTERVAL_S = 1.0
 # Report sections whose numbers become job_metrics rows.
-METRIC_SECTIONS = ("clean_accuracy", "recovered_asr", "timings_s", "sample_accuracy")
+METRIC_SECTIONS = ("clean_accuracy", "recovered_asr", "timings_s", "sample_accuracy", "backdoor_probability")
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def store_results(sessions: Sessions, store: ArtifactStore, settings: Settings, 
         stored = store.put(staged, f"jobs/{job_id}/sanitized_model{suffix}")
     finally:
         staged.discard()
-    scores = {(s["class"], s["family"]): s["anomaly_index"] for s in report["class_scores"]}
+    scores = {(s["class"], s["family"]): s["z"] for s in report["class_scores"]}
 
     def record() -> bool:
         with sessions() as session:

@@ -46,9 +46,14 @@ class ScoreChart:
 
 
 def score_chart(class_scores: list[dict], threshold: float, class_names: list[str] | None) -> ScoreChart:
-    """``class_scores`` as in report.json: class, family, trigger_size, recovered_asr,
-    anomaly_index, flagged."""
-    values = [score["anomaly_index"] for score in class_scores]
+    """``class_scores`` as in report.json (class, family, trigger_size, z, held_out_asr, flagged),
+    one bar per class: its most suspicious family."""
+    best: dict[int, dict] = {}
+    for score in class_scores:
+        if score["class"] not in best or score["z"] > best[score["class"]]["z"]:
+            best[score["class"]] = score
+    class_scores = [best[c] for c in sorted(best)]
+    values = [score["z"] for score in class_scores]
     top = max([threshold * 1.25, *values])
     bottom = min([0.0, *values])
     plot_height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
@@ -59,15 +64,15 @@ def score_chart(class_scores: list[dict], threshold: float, class_names: list[st
     zero_y = y_of(0.0)
     bars = []
     for i, score in enumerate(class_scores):
-        value, index = score["anomaly_index"], score["class"]
+        value, index = score["z"], score["class"]
         name = class_names[index] if class_names and index < len(class_names) else str(index)
         y = min(y_of(value), zero_y)
         bars.append(Bar(
             label=name, x=MARGIN_LEFT + i * WIDTH_PER_CLASS + 6, y=y, width=WIDTH_PER_CLASS - 12,
             height=abs(y_of(value) - zero_y), value_y=y - 6, value=value, flagged=score["flagged"],
-            description=(f"class {name}: anomaly index {value:.2f}, smallest working trigger "
-                         f"({score['family']}) covers {score['trigger_size']:.1%} of the image and "
-                         f"flips {score['recovered_asr']:.0%} of held-out images"
+            description=(f"class {name}: z {value:.2f}, smallest working trigger "
+                         f"({score['family']}) has size {score['trigger_size']:.3g} and "
+                         f"flips {score['held_out_asr']:.0%} of held-out images"
                          + ("; flagged as a backdoor target" if score["flagged"] else ""))))
     ticks = [Tick(y_of(value), f"{value:g}") for value in sorted({0.0, round(bottom, 1), round(top, 1)})]
     plot_right = MARGIN_LEFT + len(class_scores) * WIDTH_PER_CLASS

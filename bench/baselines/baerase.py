@@ -13,7 +13,8 @@ from worker.sanitize.pipeline import sanitize
 from ..train import save_samples
 
 # Every stage still runs, on a few steps, so the bench's quick path exercises the whole pipeline.
-QUICK = {"recovery": {"steps": 20}, "unlearning": {"max_epochs": 1}}
+QUICK = {"recovery": {"screen_steps": 10, "refine_steps": 10, "generator_steps": 10},
+         "unlearning": {"epochs": 1, "rounds": 1}}
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,

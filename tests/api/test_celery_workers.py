@@ -27,9 +27,10 @@ from worker.celery_app import QUEUE
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
-FAST = {"recovery": {"steps": 10, "families": ["patch"]}, "unlearning": {"max_epochs": 1}}
+FAST = {"recovery": {"screen_steps": 5, "refine_steps": 5, "generator_steps": 5, "families": ["patch"]},
+        "unlearning": {"epochs": 1, "rounds": 1}}
 # Long enough to be caught in its recovery stage: several seconds of it.
-SLOW = {"recovery": {"steps": 400, "families": ["mask"]}, "unlearning": {"max_epochs": 1}}
+SLOW = {"recovery": {"screen_steps": 400, "converged_after": 20000, "families": ["mask"]}, "unlearning": {"epochs": 1}}
 # Short intervals so that the tests do not wait long; the heartbeat timeout still leaves room
 # for a loaded machine to delay a heartbeat or two.
 TIMINGS = {"heartbeat_interval_s": 1, "heartbeat_timeout_s": 10, "sweep_interval_s": 0.5,

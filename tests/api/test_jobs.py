@@ -14,7 +14,7 @@ def test_submit_queues_a_job_and_stores_its_files(client, submit, auth, settings
     job = response.json()
     assert response.headers["location"] == f"/jobs/{job['id']}"
     assert job["status"] == "queued" and job["model_format"] == "torchscript"
-    assert job["config"]["seed"] == 3 and job["config"]["recovery"]["steps"] == 200  # defaults filled
+    assert job["config"]["seed"] == 3 and job["config"]["recovery"]["screen_steps"] == 30  # defaults filled
     assert job["inputs"]["model"]["size"] == len(torchscript_model)
     assert job["links"]["model"] == f"/jobs/{job['id']}/model"
     stored = sorted(p.name for p in (Path(settings.artifact_dir) / "jobs" / job["id"]).iterdir())

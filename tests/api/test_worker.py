@@ -16,7 +16,8 @@ import pytest
 from worker.jobs import claim, execute, run_job
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = {"recovery": {"steps": 10, "families": ["patch"]}, "unlearning": {"max_epochs": 1}}
+FAST = {"recovery": {"screen_steps": 5, "refine_steps": 5, "generator_steps": 5, "families": ["patch"]},
+        "unlearning": {"epochs": 1, "rounds": 1}}
 
 
 def run(app, job: dict):
@@ -47,7 +48,7 @@ def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settin
 
     report = client.get(job["links"]["report"], headers=auth).json()
     assert report["backdoor_detected"] == result["backdoor_detected"]
-    assert report["config"]["recovery"]["steps"] == 10
+    assert report["config"]["recovery"]["screen_steps"] == 5
     triggers = client.get(job["links"]["triggers"], headers=auth).json()["triggers"]
     assert len(triggers) == len(result["detected_targets"])
 
@@ -135,7 +136,7 @@ assert "torch" not in sys.modules, "the API imported torch"
 def test_the_worker_command_runs_jobs_and_requeues_on_stop(client, submit, auth, settings, database_url):
     """`baerase worker` picks the job up and reports progress; stopped mid-run, it puts the job
     back in the queue."""
-    endless = {"recovery": {"steps": 1_000_000, "families": ["patch"]}}
+    endless = {"recovery": {"screen_steps": 5000, "refine_steps": 20000, "converged_after": 20000, "families": ["patch"]}}
     job = submit(config=endless).json()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAERASE_")}
     env |= {"BAERASE_DATABASE_URL": database_url, "BAERASE_ARTIFACT_DIR": str(settings.artifact_dir),

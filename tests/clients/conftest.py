@@ -18,7 +18,7 @@ from tests.live_server import (PATIENCE_S, QUICK_CONFIG, REPO, LiveServer,  # no
 
 KEY = "clients-test-key"
 # A job that runs for minutes on these models, so that tests can catch it unfinished.
-SLOW_CONFIG = {"seed": 0, "recovery": {"steps": 1000}}
+SLOW_CONFIG = {"seed": 0, "recovery": {"screen_steps": 1000, "converged_after": 20000}}
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from app.metrics import start_worker_metrics
 from tests.api.support import free_port
 from worker.jobs import run_job
 
-FAST = {"recovery": {"steps": 10, "families": ["patch"]}, "unlearning": {"max_epochs": 1}}
+FAST = {"recovery": {"screen_steps": 5, "refine_steps": 5, "generator_steps": 5, "families": ["patch"]},
+        "unlearning": {"epochs": 1, "rounds": 1}}
 
 
 def metric(text: str, name: str, **labels) -> float:

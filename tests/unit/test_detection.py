@@ -1,77 +1,81 @@
+"""Detection: per-family z-scores of the smallest trigger sizes, and the calibrated probability."""
+
 import math
 
 import pytest
+import torch
 
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import anomaly_indices, detect_targets
-from worker.sanitize.recovery import BlendFamily, MaskFamily, PatchFamily, RecoveredTrigger
+from worker.sanitize.detection import Calibration, backdoor_probability, robust_z, score_classes
+from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
-MASK, PATCH, BLEND = MaskFamily((1, 8, 8)), PatchFamily((1, 8, 8), 3), BlendFamily((1, 8, 8))
-
-
-def result(target, size, asr, family=MASK):
-    return RecoveredTrigger(target, family, generator=None, asr=asr, size=size, penalty=1.0)
+MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
+CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test")
 
 
-def flagged(sizes, asrs=None, cfg=DetectionConfig()):
-    asrs = asrs or [0.95] * len(sizes)
-    scores = detect_targets([[result(c, s, a)] for c, (s, a) in enumerate(zip(sizes, asrs))], cfg)
-    return [s.target for s in scores if s.flagged]
+def found(sizes, family=MASK, asr=0.95):
+    return [FoundTrigger(c, family, torch.zeros(family.dim), size, 1.0, 10, asr=asr, shifted_asr=asr)
+            for c, size in enumerate(sizes)]
 
 
-def test_anomaly_index_is_robust_and_one_sided():
-    indices = anomaly_indices([1.0, 1.1, 0.9, 1.0, -3.0, 5.0])
-    assert indices[4] > 10 and indices[5] < 0
+def flagged(*per_family, cfg=DetectionConfig()):
+    return sorted((s.target, s.family) for s in score_classes(list(per_family), CALIBRATION, cfg) if s.flagged)
+
+
+def test_z_is_robust_and_one_sided():
+    z = robust_z([1.0, 1.1, 0.9, 1.0, -3.0, 5.0])
+    assert z[4] > 10 and z[5] < 0
 
 
 def test_a_small_trigger_is_flagged():
-    assert flagged([0.3, 0.35, 0.28, 0.02, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]) == [3]
+    assert flagged(found([0.3, 0.35, 0.28, 0.002, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])) == [(3, "mask")]
 
 
-def test_two_targets_are_both_flagged():
-    assert flagged([0.3, 0.02, 0.28, 0.03, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]) == [1, 3]
+def test_two_and_three_targets_are_all_flagged():
+    assert flagged(found([0.3, 0.002, 0.28, 0.003, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])) == [(1, "mask"), (3, "mask")]
+    three = [0.3, 0.002, 0.28, 0.003, 0.4, 0.33, 0.004, 0.29, 0.36, 0.3]
+    assert flagged(found(three)) == [(1, "mask"), (3, "mask"), (6, "mask")]
 
 
 def test_similar_sizes_flag_nothing_even_with_tiny_spread():
-    # MAD alone would call 0.29 an outlier among near-identical sizes; the ratio floor does not.
-    assert flagged([0.3, 0.3, 0.3, 0.3, 0.29, 0.3, 0.3, 0.3, 0.3, 0.3]) == []
+    # MAD alone would call 0.29 an outlier among near-identical sizes; the spread floor does not.
+    assert flagged(found([0.3, 0.3, 0.3, 0.3, 0.29, 0.3, 0.3, 0.3, 0.3, 0.3])) == []
 
 
-def test_a_trigger_that_does_not_work_is_not_a_backdoor():
-    sizes = [0.3, 0.35, 0.28, 0.02, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]
-    assert flagged(sizes, asrs=[0.95] * 3 + [0.1] + [0.95] * 6) == []
-
-
-def test_best_family_is_the_smallest_that_works():
-    per_class = [[result(c, 0.3, 0.95), result(c, 0.035, 0.0, PATCH)] for c in range(6)]
-    per_class[4][1].asr = 0.97  # a position-independent patch reaches class 4
-    scores = detect_targets(per_class, DetectionConfig())
-    assert [s.target for s in scores if s.flagged] == [4]
-    assert scores[4].family == "patch"
-    assert {s.family for s in scores if s.target != 4} == {"mask"}
+def test_a_trigger_that_does_not_transfer_to_held_out_images_is_not_flagged():
+    triggers = found([0.3, 0.35, 0.28, 0.002, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])
+    triggers[3].asr = 0.3
+    assert flagged(triggers) == []
 
 
 def test_blend_factors_are_compared_among_themselves():
-    # Class 3's blend factor is tiny among blend factors, but larger than every class's mask:
+    # Class 3's blend factor is tiny among blend factors but larger than every class's mask:
     # ranked with the masks it would pass unnoticed.
     masks = [0.1, 0.12, 0.09, 0.11, 0.1, 0.13, 0.1, 0.12]
-    blends = [0.5, 0.55, 0.45, 0.06, 0.5, 0.6, 0.52, 0.48]
-    per_class = [[result(c, m, 0.95), result(c, b, 0.95, BLEND)]
-                 for c, (m, b) in enumerate(zip(masks, blends))]
-    scores = detect_targets(per_class, DetectionConfig())
-    assert [s.target for s in scores if s.flagged] == [3]
-    assert scores[3].family == "blend" and math.isclose(scores[3].size, 0.06)
+    blends = [0.5, 0.55, 0.45, 0.005, 0.5, 0.6, 0.52, 0.48]
+    assert flagged(found(masks), found(blends, BLEND)) == [(3, "blend")]
 
 
-def test_a_class_flagged_on_any_scale_is_a_target():
-    masks = [0.3, 0.35, 0.02, 0.3, 0.4, 0.33, 0.31, 0.29]
-    blends = [0.5, 0.55, 0.45, 0.06, 0.5, 0.6, 0.52, 0.48]
-    per_class = [[result(c, m, 0.95), result(c, b, 0.95, BLEND)]
-                 for c, (m, b) in enumerate(zip(masks, blends))]
-    scores = detect_targets(per_class, DetectionConfig())
-    assert [(s.target, s.family) for s in scores if s.flagged] == [(2, "mask"), (3, "blend")]
+def test_calibration_fits_the_upper_half_and_turns_z_into_a_probability():
+    z = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
+    calibration = Calibration.fit(z, models=1, source="test")
+    assert calibration.mean == 0.0 and math.isclose(calibration.std, math.sqrt((0.25 + 9) / 2))
+    # More tests per model make the same z less surprising.
+    assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
+    assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
+    assert math.isclose(CALIBRATION.probability(CALIBRATION.z_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
+
+
+def test_scores_only_calibration_never_flags():
+    scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig())
+    assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
+
+
+def test_the_shipped_calibration_comes_from_clean_models():
+    shipped = Calibration.load()
+    assert shipped.models >= 2 and shipped.std > 0
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_few_classes_do_not_crash(n):
-    assert flagged([0.3] * n) == []
+    assert flagged(found([0.3] * n)) == []

@@ -1,19 +1,18 @@
-"""The unlearning loss and its guards."""
+"""The unlearning loss, its anchor and its guards."""
 
 import math
 
 import torch
 from torch import nn
 
-from worker.sanitize.config import RecoveryConfig, UnlearningConfig
+from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator
-from worker.sanitize.unlearning import unlearn, unlearning_loss
+from worker.sanitize.unlearning import diagonal_fisher, unlearn, unlearning_loss
 
 
-def loss(model, triggers, x, y, k, anchor=(), l1=0.0):
+def loss(model, triggers, x, y, k):
     """The loss with the true labels as the soft targets (a teacher that is always right)."""
-    targets = nn.functional.one_hot(y, k).float()
-    return unlearning_loss(model, triggers, x, y, targets, k, list(anchor), l1)
+    return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(), k)
 
 
 class FixedLogits(nn.Module):
@@ -27,8 +26,8 @@ class FixedLogits(nn.Module):
 
 def trigger(target: int, shape=(1, 4, 4)) -> RecoveredTrigger:
     family = MaskFamily(shape)
-    return RecoveredTrigger(target, family, TriggerGenerator(1, 12, 8, family.dim), asr=1.0,
-                            size=0.5, penalty=1.0)
+    generator = TriggerGenerator(torch.zeros(family.dim), noise_dim=12, hidden=8)
+    return RecoveredTrigger(target, family, generator, size=0.5, asr=1.0)
 
 
 def test_ascent_is_bounded_once_the_target_is_no_likelier_than_chance():
@@ -37,13 +36,11 @@ def test_ascent_is_bounded_once_the_target_is_no_likelier_than_chance():
     # Target 0 already below 1/K: the ascent term adds nothing; only the two CE terms remain.
     below = FixedLogits([-5.0, 5.0, 0.0, 0.0])
     ce = nn.functional.cross_entropy(below(x), y)
-    total = loss(below, [trigger(0)], x, y, k)
-    assert math.isclose(total.item(), 2 * ce.item(), rel_tol=1e-5)
+    assert math.isclose(loss(below, [trigger(0)], x, y, k).item(), 2 * ce.item(), rel_tol=1e-5)
     # Target 0 likely: the ascent term is positive and pushes its logit down.
     above = FixedLogits([5.0, 0.0, 0.0, 0.0])
     total = loss(above, [trigger(0)], x, y, k)
-    ce = nn.functional.cross_entropy(above(x), y)
-    assert total.item() > 2 * ce.item()
+    assert total.item() > 2 * nn.functional.cross_entropy(above(x), y).item()
     total.backward()
     assert above.logits.grad[0] > 0
 
@@ -55,12 +52,16 @@ def test_images_of_the_target_class_are_not_pushed_away():
     assert math.isclose(loss(model, [trigger(0)], x, y, 4).item(), 2 * ce.item(), rel_tol=1e-5)
 
 
-def test_l1_anchor_measures_distance_to_the_original_weights():
-    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
-    model = FixedLogits([0.0, 0.0])
-    anchor = [torch.tensor([1.0, -2.0])]
-    base = loss(model, [], x, y, 2, anchor)
-    assert math.isclose(loss(model, [], x, y, 2, anchor, 0.5).item(), base.item() + 1.5, rel_tol=1e-5)
+def test_fisher_is_normalised_and_largest_where_the_loss_depends_most():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].weight[:, 8:] = 0  # inputs 8.. are zero below: their weights never matter
+    x = torch.cat([torch.rand(64, 1, 2, 4), torch.zeros(64, 1, 2, 4)], 2)
+    params = list(model.parameters())
+    fisher = diagonal_fisher(model, params, x, torch.randint(0, 3, (64,)))
+    assert math.isclose(sum(f.sum() for f in fisher).item() / sum(f.numel() for f in fisher), 1.0, rel_tol=1e-4)
+    assert fisher[0][:, 8:].abs().max() == 0 and fisher[0][:, :8].mean() > 0
 
 
 class Exploding(nn.Module):
@@ -81,8 +82,16 @@ def test_unlearning_never_returns_non_finite_weights():
     with torch.no_grad():
         model.linear.weight.fill_(9.99)
     x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
-    cfg = UnlearningConfig(max_epochs=2, batch_size=8, lr=1.0, refresh_steps=2)
-    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg,
-                     RecoveryConfig(batch_size=4, hidden=16, noise_dim=12))
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, fisher_weight=0.0)
+    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert result.rollbacks > 0
+
+
+def test_zero_epochs_leave_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, UnlearningConfig(epochs=0))
+    assert result.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,6 +1,6 @@
 """Settings of one sanitization run. Every field has a default that works without tuning."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -11,60 +11,54 @@ ARCHITECTURE_NAMES = ("small_cnn", "small_resnet", "resnet18", "preact_resnet18"
 
 
 class Strict(BaseModel):
-    # A misspelt option must fail loudly, not be ignored.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt option must fail loudly, not be ignored; NaN and Infinity are never a setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RecoveryConfig(Strict):
-    families: list[Literal["patch", "mask", "blend"]] = ["patch", "mask", "blend"]
-    patch_size: int | None = Field(None, ge=1, description="side of the patch trigger; default ~H/9")
-    steps: int = Field(200, ge=10, description="most generator steps per family")
-    batch_size: int = Field(16, ge=4, description="clean images per class per step")
-    noise_dim: int = Field(64, ge=4)
-    hidden: int = Field(256, ge=16)
-    lr: float = Field(0.01, gt=0, description="learning rate of the generators' MLPs")
-    base_lr: float = Field(0.1, gt=0, description="learning rate of each class's central trigger")
-    mask_penalty: float = Field(1.0, ge=0, description="lambda: starting weight of the mask and blend size penalty")
-    mi_weight: float = Field(0.1, ge=0, description="alpha: weight of the MINE entropy term")
+    families: list[Literal["mask", "blend", "warp", "patch"]] = Field(
+        ["mask", "blend", "warp"], min_length=1, max_length=4)
+    patch_size: int | None = Field(None, ge=1, le=64, description="side of the patch trigger; default ~H/9")
+    screen_steps: int = Field(30, ge=1, le=5000, description="search steps every class gets")
+    refine_steps: int = Field(120, ge=0, le=20000, description="further steps for the finalists")
+    finalists: int = Field(3, ge=1, le=1000, description="classes with the smallest triggers that get the refine steps")
+    batch_size: int = Field(12, ge=4, le=512, description="clean images per class per search step")
+    lr: float = Field(0.2, gt=0, le=10, description="Adam learning rate of the trigger parameters")
+    init_penalty: float = Field(1.0, gt=0, le=1e4, description="starting weight of the size penalty")
+    patience: int = Field(5, ge=1, le=1000, description="steps before the size penalty moves (Neural Cleanse)")
+    converged_after: int = Field(30, ge=1, le=20000, description="a class stops once its trigger has not shrunk for this many steps")
+    success_asr: float = Field(0.9, gt=0, le=1, description="batch ASR at which a trigger counts as working")
+    noise_dim: int = Field(64, ge=4, le=1024, description="generator noise size")
+    hidden: int = Field(256, ge=16, le=4096, description="generator hidden width")
+    generator_steps: int = Field(100, ge=0, le=20000, description="max-entropy generator steps per flagged class")
+    generator_lr: float = Field(1e-3, gt=0, le=1)
+    mi_weight: float = Field(0.1, ge=0, le=100, description="alpha: weight of the MINE entropy term")
     hinge: float = Field(0.9, gt=0, le=1, description="beta: target probability that is enough")
-    screen_ratio: float = Field(
-        0.5, gt=0, le=1, description="after 30% of the steps, mask and blend searches "
-        "larger than this share of the median size stop"
-    )
-    success_asr: float = Field(0.9, gt=0, le=1, description="ASR at which a trigger counts as found")
 
 
 class DetectionConfig(Strict):
-    anomaly_index: float = Field(2.0, gt=0, description="MAD anomaly index that flags a class")
-    min_asr: float = Field(0.6, gt=0, le=1, description="held-out ASR a flagged class must reach")
-    max_size_ratio: float = Field(
-        0.2, gt=0, le=1, description="a flagged trigger is at most this share of the median size"
-    )
+    flag_probability: float = Field(0.99, gt=0, lt=1, description="calibrated probability that flags a class")
+    suspicious_probability: float = Field(0.95, gt=0, lt=1, description="probability above which an unflagged model is reported suspicious")
+    min_held_out_asr: float = Field(0.75, ge=0, le=1, description="held-out ASR a flagged trigger must reach")
 
 
 class UnlearningConfig(Strict):
-    max_epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=4)
-    lr: float = Field(0.01, gt=0)
-    l1_anchor: float = Field(1e-6, ge=0, description="lambda of ||theta - theta0||_1")
+    epochs: int = Field(4, ge=0, le=100, description="passes over the training split (0: no unlearning)")
+    batch_size: int = Field(64, ge=4, le=4096)
+    lr: float = Field(0.01, gt=0, le=1, description="SGD learning rate, cosine-annealed to 0")
+    fisher_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
-    refresh_steps: int = Field(10, ge=0, description="generator steps against the current model before each check")
-    size_slack: float = Field(1.5, ge=1, description="refreshed masks and blend factors may grow to this multiple of the recovered size")
-    checks_per_epoch: int = Field(2, ge=1)
-    patience: int = Field(4, ge=1, description="checks without a better checkpoint before stopping")
-    accuracy_tolerance: float = Field(
-        0.05, ge=0, le=1, description="patience only runs out once a checkpoint is within this "
-        "much of the original held-out accuracy"
-    )
+    rounds: int = Field(2, ge=1, le=5, description="unlearning rounds while verification still finds a trigger")
 
 
 class SanitizeConfig(Strict):
     arch: str | None = Field(None, description="built-in architecture of a state_dict upload")
-    num_classes: int | None = Field(None, ge=2)
-    mean: list[float] | None = Field(None, description="per-channel mean applied before the model")
-    std: list[float] | None = Field(None, description="per-channel std applied before the model")
-    class_names: list[str] | None = Field(None, description="label order of a class-folder zip")
-    seed: int = 0
+    num_classes: int | None = Field(None, ge=2, le=10_000)
+    mean: list[float] | None = Field(None, max_length=64, description="per-channel mean applied before the model")
+    std: list[float] | None = Field(None, max_length=64, description="per-channel std applied before the model")
+    class_names: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None, max_length=10_000, description="label order of a class-folder zip")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     holdout_fraction: float = Field(0.2, gt=0, lt=0.9)
     recovery: RecoveryConfig = RecoveryConfig()

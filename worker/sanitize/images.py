@@ -34,10 +34,13 @@ def grid(images: torch.Tensor, columns: int = 4, pad: int = 1) -> torch.Tensor:
 
 
 def trigger_pictures(trigger: RecoveredTrigger, clean: torch.Tensor, seed: int = 0) -> dict[str, bytes]:
-    """Pictures of one recovered trigger: its pattern, its mask (mask family) and clean samples
-    with generated triggers stamped on them. Keys name the picture kind."""
+    """Pictures of one recovered trigger: its pattern (mask, blend and patch families), its mask
+    (mask family) and clean samples with generated triggers stamped on them. Keys name the
+    picture kind."""
     noise = torch.Generator().manual_seed(seed)
     samples = trigger.sample(len(clean), noise)
+    if not hasattr(trigger.family, "split"):  # a warp has no pattern to show, only its effect
+        return {"stamped": to_png(grid(trigger.stamp(clean, samples).cpu()))}
     parts = trigger.family.split(samples[:1])
     pictures = {"pattern": to_png(parts["pattern"][0])}
     # A blend family's mask is one number (the report's trigger size), no picture: its pattern

@@ -1,4 +1,5 @@
-"""The whole sanitization run, top to bottom: validate, recover triggers, detect, unlearn, report.
+"""The whole sanitization run, top to bottom: validate, recover triggers, detect, unlearn, verify,
+report (docs/method.md explains each step).
 
 The CLI, the service's worker and the bench all call ``sanitize``; it knows nothing of HTTP,
 queues or databases. ``progress(stage, fraction, message)`` reports overall progress in [0, 1];
@@ -11,6 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +21,18 @@ from torch import nn
 
 from . import __version__
 from .config import SanitizeConfig
-from .detection import detect_targets
+from .detection import Calibration, ClassScore, backdoor_probability, score_classes
 from .errors import InputError
 from .images import trigger_pictures
-from .loading import LoadedModel, Samples, load_model, load_samples, save_model
-from .recovery import BlendFamily, MaskFamily, PatchFamily, default_patch_size, recover_triggers
-from .unlearning import unlearn
+from .loading import Samples, load_model, load_samples, save_model
+from .recovery import FoundTrigger, RecoveredTrigger, held_out_asr, make_families, search_triggers, train_generator
+from .unlearning import accuracy, unlearn
 
 Progress = Callable[[str, float, str], None]
 
 # Share of the progress bar each stage takes.
-STAGES = {"validate": (0.0, 0.05), "recovery": (0.05, 0.6), "unlearning": (0.6, 0.95),
-          "report": (0.95, 1.0)}
+STAGES = {"validate": (0.0, 0.03), "recovery": (0.03, 0.4), "unlearning": (0.4, 0.65),
+          "verification": (0.65, 0.97), "report": (0.97, 1.0)}
 
 
 class Normalized(nn.Module):
@@ -120,11 +122,75 @@ def validate(model: nn.Module, samples: Samples, num_classes: int | None, device
     return k, accuracy, warnings
 
 
+@dataclass
+class Detection:
+    """One full trigger search over every class and family, scored."""
+
+    found: dict[tuple[int, str], FoundTrigger]
+    scores: list[ClassScore]  # the most suspicious first
+    probability: float
+
+    @property
+    def flagged(self) -> list[ClassScore]:
+        """At most one score per class: its most suspicious flagged family."""
+        seen, flagged = set(), []
+        for score in self.scores:
+            if score.flagged and score.target not in seen:
+                seen.add(score.target)
+                flagged.append(score)
+        return flagged
+
+
+def detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes: int, config: SanitizeConfig,
+           calibration: Calibration, seed: int, on_progress: Callable[[float, str], None]) -> Detection:
+    """Searches every class's smallest trigger in every family, measures the candidates on the
+    held-out split, and scores them against the calibration."""
+    families = make_families(config.recovery.families, shape, config.recovery.patch_size)
+    per_family = []
+    for i, family in enumerate(families):
+        def on_step(step, total, i=i, family=family):
+            on_progress((i + step / total) / len(families), f"{family.name} triggers, step {step}/{total}")
+
+        found = search_triggers(model, family, x_train, y_train, num_classes, config.recovery, seed + i, on_step)
+        for trigger in found:
+            trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
+            trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
+        per_family.append(found)
+    scores = score_classes(per_family, calibration, config.detection)
+    found = {(t.target, t.family.name): t for ts in per_family for t in ts}
+    return Detection(found, scores, backdoor_probability(scores))
+
+
+def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold, config: SanitizeConfig,
+                   seed: int) -> list[RecoveredTrigger]:
+    """The paper's max-entropy generator for each flagged class, started at its found trigger."""
+    triggers = []
+    for score in detection.flagged:
+        found = detection.found[(score.target, score.family)]
+        generator = train_generator(model, found, x_train, y_train, config.recovery, seed + score.target)
+        trigger = RecoveredTrigger(score.target, found.family, generator, found.size, 0.0)
+        others = x_hold[y_hold != score.target]
+        with torch.no_grad():
+            trigger.asr = (model(trigger.stamp(others)).argmax(1) == score.target).float().mean().item() if len(others) else 0.0
+        triggers.append(trigger)
+    return triggers
+
+
+def score_rows(detection: Detection) -> list[dict]:
+    return [{"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
+             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5), "z": round(s.z, 3),
+             "held_out_asr": round(s.asr, 4), "shifted_asr": round(s.shifted_asr, 4),
+             "probability": round(s.probability, 4), "flagged": s.flagged}
+            for s in detection.scores]
+
+
 def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: SanitizeConfig,
-             progress: Progress | None = None, check_cancel: Callable[[], None] | None = None) -> dict:
+             progress: Progress | None = None, check_cancel: Callable[[], None] | None = None,
+             calibration: Calibration | None = None) -> dict:
     """Runs the whole pipeline and writes DIR/model.<ext>, DIR/report.json and DIR/triggers/."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    calibration = calibration or Calibration.load()
 
     def report_progress(stage: str, fraction: float, message: str) -> None:
         if check_cancel:
@@ -137,7 +203,8 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     device = pick_device(config.device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. Validate.
+    # 1. Validate, and split the samples: train (recovery, unlearning), held-out (detection's
+    # transfer check; its halves choose the unlearning checkpoint and measure the reported accuracy).
     report_progress("validate", 0.0, "loading samples and model")
     samples = load_samples(samples_path, config.class_names)
     channels = samples.x.shape[1]
@@ -148,53 +215,72 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     for p in loaded.module.parameters():
         p.requires_grad_(False)
     model = Normalized(loaded.module, config.mean, config.std) if config.mean else loaded.module
-    num_classes, accuracy, warnings = validate(model, samples, config.num_classes, device)
+    num_classes, sample_accuracy, warnings = validate(model, samples, config.num_classes, device)
     train_idx, hold_idx = stratified_split(samples.y, config.holdout_fraction, config.seed)
-    if len(hold_idx) == 0 or len(train_idx) == 0:
+    if len(hold_idx) < 2 or len(train_idx) == 0:
         raise InputError("too few samples to hold out a validation split; give at least 2 per class")
     x_train, y_train = samples.x[train_idx].to(device), samples.y[train_idx].to(device)
     x_hold, y_hold = samples.x[hold_idx].to(device), samples.y[hold_idx].to(device)
+    select_idx, report_idx = stratified_split(y_hold.cpu(), 0.5, config.seed + 1)
+    x_select, y_select = x_hold[select_idx.to(device)], y_hold[select_idx.to(device)]
+    x_report, y_report = x_hold[report_idx.to(device)], y_hold[report_idx.to(device)]
+    shape = tuple(samples.x.shape[1:])
+    accuracy_before = accuracy(model, x_report, y_report)
     timings["validate"] = time.perf_counter() - started
 
-    # 2. Recover a trigger per class and family; 3. detect targets.
+    # 2. Recover the smallest trigger of every class and family; 3. score them.
     t0 = time.perf_counter()
-    shape = tuple(samples.x.shape[1:])
-    patch_size = config.recovery.patch_size or default_patch_size(shape[1], shape[2])
-    families = {"patch": PatchFamily(shape, patch_size), "mask": MaskFamily(shape),
-                "blend": BlendFamily(shape)}
-    chosen = [families[name] for name in config.recovery.families]
-    per_class = [[] for _ in range(num_classes)]
-    for i, family in enumerate(chosen):
-        def on_step(step, total, i=i, family=family):
-            report_progress("recovery", (i + step / total) / len(chosen),
-                            f"{family.name} triggers, step {step}/{total}")
-
-        for trigger in recover_triggers(model, family, x_train, y_train, x_hold, y_hold,
-                                        num_classes, config.recovery, on_step):
-            per_class[trigger.target].append(trigger)
-    scores = detect_targets(per_class, config.detection)
-    flagged = [s for s in scores if s.flagged]
-    triggers = [next(t for t in per_class[s.target] if t.family.name == s.family) for s in flagged]
+    detection = detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+                       config.seed, lambda f, m: report_progress("recovery", f, m))
+    triggers = generators_for(model, detection, x_train, y_train, x_hold, y_hold, config, config.seed)
     timings["recovery"] = time.perf_counter() - t0
 
-    # 4. Unlearn (only when something was found: a clean model is returned byte for byte).
-    t0 = time.perf_counter()
-    out_model = out_dir / f"model{model_path.suffix or '.pt'}"
-    result = None
-    if triggers:
-        result = unlearn(
-            model, triggers, x_train, y_train, x_hold, y_hold, num_classes, config.unlearning,
-            config.recovery, seed=config.seed,
-            on_step=lambda step, total: report_progress(
-                "unlearning", step / total, f"unlearning step {step}/{total}"),
-            check_cancel=check_cancel,
-        )
-        save_model(loaded, out_model)
-    else:
-        shutil.copyfile(model_path, out_model)
-    timings["unlearning"] = time.perf_counter() - t0
+    # 4. Unlearn the flagged triggers, then 5. verify with a search from scratch; a trigger the
+    # verification still finds is unlearnt in a further round, up to ``rounds``.
+    rounds, verification, unlearning_runs = [], None, []
+    all_triggers = list(triggers)
+    t_unlearn = t_verify = 0.0
+    for round_number in range(config.unlearning.rounds if triggers else 0):
+        t0 = time.perf_counter()
+        result = unlearn(model, all_triggers, x_train, y_train, x_select, y_select, num_classes,
+                         config.unlearning, seed=config.seed + round_number,
+                         on_step=lambda step, total: report_progress(
+                             "unlearning", step / total, f"round {round_number + 1}, step {step}/{total}"),
+                         check_cancel=check_cancel)
+        unlearning_runs.append(result)
+        t_unlearn += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verification = detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+                              config.seed + 1000 * (round_number + 1),
+                              lambda f, m: report_progress("verification", f, m))
+        t_verify += time.perf_counter() - t0
+        rounds.append(verification)
+        if verification.probability < config.detection.suspicious_probability or (
+                round_number + 1 == config.unlearning.rounds):
+            break
+        all_triggers += generators_for(model, verification, x_train, y_train, x_hold, y_hold, config,
+                                       config.seed + 1000 * (round_number + 1))
+    timings["unlearning"] = t_unlearn
+    timings["verification"] = t_verify
 
-    # 5. Report and trigger pictures.
+    # The verdict: never more than was checked. "removed" needs a verification search that finds
+    # nothing even suspicious; any class above that line after unlearning counts as residual.
+    if triggers:
+        residual = sorted({s.target for s in verification.scores
+                           if s.probability >= config.detection.suspicious_probability})
+        verdict = "residual" if residual else "removed"
+    else:
+        residual = []
+        verdict = "suspicious" if detection.probability >= config.detection.suspicious_probability else "clean"
+    changed = bool(triggers)
+    out_model = out_dir / f"model{model_path.suffix or '.pt'}"
+    if changed:
+        save_model(loaded, out_model)
+    else:  # a clean or merely suspicious model is returned byte for byte
+        shutil.copyfile(model_path, out_model)
+    accuracy_after = accuracy(model, x_report, y_report) if changed else accuracy_before
+
+    # 6. Report and trigger pictures.
     report_progress("report", 0.0, "writing the report")
     trigger_dir = out_dir / "triggers"
     trigger_dir.mkdir(exist_ok=True)
@@ -206,35 +292,40 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
             trigger_files.append({"class": trigger.target, "family": trigger.family.name,
                                   "kind": kind, "file": f"triggers/{name}"})
     timings["total"] = time.perf_counter() - started
-    if result:
-        clean_accuracy = {"before": result.before.clean_accuracy, "after": result.after.clean_accuracy}
-    else:  # the model is untouched: held-out accuracy is the same before and after
-        held_out = sum((model(xb).argmax(1) == yb).sum().item()
-                       for xb, yb in zip(x_hold.split(500), y_hold.split(500))) / len(y_hold)
-        clean_accuracy = {"before": held_out, "after": held_out}
+    first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = {
+        "verdict": verdict,
+        "verdict_reason": verdict_reason(verdict, detection, verification, config),
+        "backdoor_probability": round(detection.probability, 4),
         "backdoor_detected": bool(triggers),
         "detected_targets": [t.target for t in triggers],
-        "class_scores": [
-            {"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
-             "recovered_asr": round(s.asr, 4), "anomaly_index": round(s.anomaly_index, 3),
-             "flagged": s.flagged}
-            for s in scores
-        ],
-        "clean_accuracy": clean_accuracy,
+        "residual_targets": residual,
+        "class_scores": score_rows(detection),
+        "flag_z": round(calibration.z_for(config.detection.flag_probability, len(detection.scores)), 3),
+        "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
         "recovered_asr": {
-            str(t.target): {"before": result.before.recovered_asr[t.target],
-                            "after": result.after.recovered_asr[t.target]}
+            str(t.target): {"before": first.before.recovered_asr[t.target],
+                            "after": last.after.recovered_asr[t.target]}
             for t in triggers
         },
-        "sample_accuracy": accuracy,
-        "num_classes": num_classes,
-        "num_samples": {"train": len(train_idx), "held_out": len(hold_idx)},
-        "unlearning": None if result is None else {
-            "steps": result.steps, "epochs": round(result.epochs, 2), "rollbacks": result.rollbacks,
+        "verification": None if verification is None else {
+            "rounds": len(rounds),
+            "backdoor_probability": round(verification.probability, 4),
+            "class_scores": score_rows(verification)[:num_classes],
         },
+        "sample_accuracy": sample_accuracy,
+        "num_classes": num_classes,
+        "class_names": samples.class_names,
+        "num_samples": {"train": len(train_idx), "held_out": len(hold_idx)},
+        "unlearning": None if not unlearning_runs else {
+            "rounds": len(unlearning_runs),
+            "epochs": sum(r.epochs_run for r in unlearning_runs),
+            "steps": sum(r.steps for r in unlearning_runs),
+            "rollbacks": sum(r.rollbacks for r in unlearning_runs),
+        },
+        "calibration": {"models": calibration.models, "source": calibration.source},
         "model_format": loaded.format,
-        "model_changed": bool(triggers),
+        "model_changed": changed,
         "triggers": trigger_files,
         "warnings": warnings,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -245,3 +336,32 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     report_progress("report", 1.0, "done")
     return report
+
+
+def verdict_reason(verdict: str, detection: Detection, verification: Detection | None,
+                   config: SanitizeConfig) -> str:
+    """One plain sentence that says what was checked and what it means."""
+    top = detection.scores[0] if detection.scores else None
+    if verdict == "clean":
+        return (f"no class needs a trigger unusually smaller than the others (backdoor probability "
+                f"{detection.probability:.2f}); the model is returned unchanged")
+    if verdict == "suspicious":
+        why = []
+        if top.asr < config.detection.min_held_out_asr:
+            why.append(f"its trigger reaches only {top.asr:.0%} of held-out images")
+        if top.probability < config.detection.flag_probability:
+            why.append(f"its probability {top.probability:.2f} is under the flagging threshold "
+                       f"{config.detection.flag_probability}")
+        return (f"class {top.target} ({top.family} family) needs an unusually small trigger, but "
+                f"{' and '.join(why)}; the model is returned unchanged: inspect it, or give more samples")
+    if verdict == "removed":
+        return (f"backdoor found for class(es) {[s.target for s in detection.flagged]}; after unlearning, "
+                f"a new trigger search from scratch flags no class (backdoor probability "
+                f"{verification.probability:.2f})")
+    residual = sorted({s.target for s in verification.scores
+                       if s.probability >= config.detection.suspicious_probability})
+    return (f"after unlearning, a new trigger search from scratch still finds unusually small triggers "
+            f"for class(es) {residual} (backdoor probability {verification.probability:.2f}): the backdoor "
+            "may survive; do not ship this model without further checks")
+
+
