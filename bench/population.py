@@ -1,7 +1,11 @@
-"""The development population: many backdoored and clean classifiers to develop and calibrate the
-engine on, split once into a calibration part and an evaluation part.
+"""The engine's development population: backdoored and clean classifiers, calibration and evaluation.
 
-    baerase bench --suite population [--train-only] [--limit N]
+Many models to develop and calibrate the engine on, split once into a calibration part and an
+evaluation part.
+
+    baerase bench --suite population --train [--limit N]   # train (and cache) the models
+    baerase bench --suite population --calibrate           # fit worker/sanitize/calibration.json
+    baerase bench --suite population --evaluate            # the engine on the evaluation models
 
 - Backdoored half: BadNets squares of 2-5 px at corner, edge and centre in white, black and random
   colour, Blended (noise and image patterns, alpha 0.1-0.2), a TrojanNN watermark, a checkerboard,
@@ -190,10 +194,10 @@ def sanitize_victim(victim: Victim, data: Split, cache: Path, calibration=None) 
 
 def collect_scores(cache: Path, limit: int | None = None) -> Path:
     """Runs detection alone (nothing flagged) on every trained calibration model and fits the
-    calibration from their z-scores; writes worker/sanitize/calibration.json."""
+    calibration from their log ratios; writes worker/sanitize/calibration.json."""
     from worker.sanitize.detection import CALIBRATION_FILE, Calibration
 
-    z, models = [], []
+    ratios, models = [], []
     for victim in [v for v in POPULATION[:limit] if v.calibration]:
         path = cache / "population" / "models" / f"{victim.key}.pt"
         if not path.exists():
@@ -204,9 +208,9 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
             row = sanitize_victim(victim, load_dataset(victim.dataset, cache), cache, Calibration.scores_only())
             scores_path.parent.mkdir(parents=True, exist_ok=True)
             scores_path.write_text(json.dumps(row["report"]["class_scores"]))
-        z += [s["z"] for s in json.loads(scores_path.read_text())]
+        ratios += [s["log_ratio"] for s in json.loads(scores_path.read_text())]
         models.append(victim.key)
-    calibration = Calibration.fit(z, len(models), "bench/population.py calibration models: " + ", ".join(models))
+    calibration = Calibration.fit(ratios, len(models), "bench/population.py calibration models: " + ", ".join(models))
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
     print(f"calibration from {len(models)} clean models: mean {calibration.mean:.3f}, std {calibration.std:.3f}")
     return CALIBRATION_FILE
@@ -233,3 +237,45 @@ def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> 
                   + f" cost {row['cost']:.1f} epochs ({r['timings_s']['total']:.0f} s)", flush=True)
         rows.append(json.loads(result_path.read_text()))
     return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """A Markdown table of the evaluation rows, and the detection ROC-AUC of backdoor_probability
+    over the models whose attack implanted (ASR >= 50% before)."""
+    lines = ["| model | verdict | p | CA before -> after | true ASR before -> after | cost (clean epochs) | s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r, b, a = row["report"], row["before"], row["after"]
+        asr = "-" if b["asr"] is None else f"{b['asr']:.1%} -> {a['asr']:.1%}"
+        lines.append(f"| {row['key']} | {r['verdict']} | {r['backdoor_probability']:.3f} | "
+                     f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {row['cost']:.1f} | {r['timings_s']['total']:.0f} |")
+    positives = [r["report"]["backdoor_probability"] for r in rows if r["backdoored"] and r["before"]["asr"] >= 0.5]
+    negatives = [r["report"]["backdoor_probability"] for r in rows if not r["backdoored"]]
+    pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
+    auc = f"{sum(pairs) / len(pairs):.3f}" if pairs else "n/a"
+    lines.append("")
+    lines.append(f"Detection ROC-AUC of backdoor_probability: {auc} ({len(positives)} backdoored, "
+                 f"{len(negatives)} clean evaluation models)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="baerase bench --suite population", description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="store_true", help="train the models not cached yet")
+    parser.add_argument("--calibrate", action="store_true", help="fit the calibration from the clean calibration models")
+    parser.add_argument("--evaluate", action="store_true", help="run the engine on every trained evaluation model")
+    parser.add_argument("--fresh", action="store_true", help="recompute cached evaluation results")
+    parser.add_argument("--limit", type=int, help="only the first N models of the population")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/bench"))
+    args = parser.parse_args(argv)
+    if args.train:
+        train_all(args.cache, args.limit)
+    if args.calibrate:
+        collect_scores(args.cache, args.limit)
+    if args.evaluate:
+        print(summary(evaluate_all(args.cache, args.limit, args.fresh)))
+    if not (args.train or args.calibrate or args.evaluate):
+        parser.print_help()
+    return 0

@@ -162,7 +162,8 @@ def machine() -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--suite", choices=sorted(SUITES), default="fmnist")
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["population"], default="fmnist",
+                        help="population: the engine's development population (--suite population --help)")
     parser.add_argument("--quick", action="store_true", help="small CNN, BadNets and a clean model, "
                         "tiny settings: a few minutes")
     parser.add_argument("--archs", nargs="+", help="only these architectures")
@@ -180,6 +181,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--suite", "population"]:  # the engine's development population: its own options
+        from .population import main as population
+
+        return population(argv[2:])
     parser = build_parser(argparse.ArgumentParser(prog="baerase bench", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     suite = suite_as_run(args.suite, args.quick)

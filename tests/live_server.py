@@ -16,7 +16,12 @@ from tests.api.support import PATIENCE_S, free_port, wait_for  # noqa: F401  (re
 
 REPO = Path(__file__).resolve().parents[1]
 # Small settings: these tests are about the service, not about the quality of the sanitization.
-QUICK_CONFIG = {"seed": 0, "unlearning": {"epochs": 2}}
+# The shipped calibration is fitted on Fashion-MNIST models, where natural classes need triggers
+# almost as small as a backdoor's; on these 16 x 16 digits it puts the backdoor at probability
+# ~0.5. The low flagging line makes the job go through every stage (unlearning, verification,
+# trigger pictures), whatever the verdict.
+QUICK_CONFIG = {"seed": 0, "unlearning": {"epochs": 2, "rounds": 1},
+                "detection": {"flag_probability": 0.2, "suspicious_probability": 0.1}}
 
 
 @pytest.fixture(scope="session")

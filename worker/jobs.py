@@ -255,7 +255,7 @@ def store_results(sessions: Sessions, store: ArtifactStore, settings: Settings, 
         stored = store.put(staged, f"jobs/{job_id}/sanitized_model{suffix}")
     finally:
         staged.discard()
-    scores = {(s["class"], s["family"]): s["z"] for s in report["class_scores"]}
+    scores = {(s["class"], s["family"]): s["log_ratio"] for s in report["class_scores"]}
 
     def record() -> bool:
         with sessions() as session:

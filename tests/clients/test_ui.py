@@ -77,7 +77,7 @@ def test_job_list_and_job_page_in_a_browser(server, finished_job, client, backdo
 
     row = f'tr[data-job-id="{finished_job.id}"]'
     wait.until(lambda b: "succeeded" in text_of(row))
-    assert "backdoor: class 0" in text_of(row)
+    assert "backdoor in class 0" in text_of(row)
     assert KEY not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('baerase.apiKey')") == KEY
 
@@ -89,7 +89,7 @@ def test_job_list_and_job_page_in_a_browser(server, finished_job, client, backdo
     screenshot(browser, "job-list.png")
 
     wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'{row} a[href="/ui/jobs/{finished_job.id}"]').click() or True)
-    wait.until(lambda b: "Backdoor found: target class 0" in text_of(".verdict h2"))
+    wait.until(lambda b: text_of(".verdict h2").startswith("Backdoor found") and "0" in text_of(".verdict h2"))
     flagged = browser.find_elements(By.CSS_SELECTOR, "svg.chart .bar.flagged")
     assert [bar.find_element(By.CSS_SELECTOR, ".label").text for bar in flagged] == ["0"]
     assert "flagged" in flagged[0].text

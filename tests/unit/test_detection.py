@@ -1,4 +1,4 @@
-"""Detection: per-family z-scores of the smallest trigger sizes, and the calibrated probability."""
+"""Detection: per-family log ratios of the smallest trigger sizes, and the calibrated probability."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import Calibration, backdoor_probability, robust_z, score_classes
+from worker.sanitize.detection import Calibration, backdoor_probability, log_ratios, score_classes
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
@@ -22,9 +22,9 @@ def flagged(*per_family, cfg=DetectionConfig()):
     return sorted((s.target, s.family) for s in score_classes(list(per_family), CALIBRATION, cfg) if s.flagged)
 
 
-def test_z_is_robust_and_one_sided():
-    z = robust_z([1.0, 1.1, 0.9, 1.0, -3.0, 5.0])
-    assert z[4] > 10 and z[5] < 0
+def test_log_ratio_is_to_the_median_and_one_sided():
+    ratios = log_ratios(found([0.3, 0.3, 0.3, 0.03, 0.6]))
+    assert ratios[3] == pytest.approx(math.log(10)) and ratios[4] < 0 and ratios[0] == 0
 
 
 def test_a_small_trigger_is_flagged():
@@ -38,7 +38,7 @@ def test_two_and_three_targets_are_all_flagged():
 
 
 def test_similar_sizes_flag_nothing_even_with_tiny_spread():
-    # MAD alone would call 0.29 an outlier among near-identical sizes; the spread floor does not.
+    # A MAD z-score would call 0.29 an outlier among near-identical sizes; the log ratio does not.
     assert flagged(found([0.3, 0.3, 0.3, 0.3, 0.29, 0.3, 0.3, 0.3, 0.3, 0.3])) == []
 
 
@@ -56,14 +56,14 @@ def test_blend_factors_are_compared_among_themselves():
     assert flagged(found(masks), found(blends, BLEND)) == [(3, "blend")]
 
 
-def test_calibration_fits_the_upper_half_and_turns_z_into_a_probability():
-    z = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
-    calibration = Calibration.fit(z, models=1, source="test")
+def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability():
+    ratios = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
+    calibration = Calibration.fit(ratios, models=1, source="test")
     assert calibration.mean == 0.0 and math.isclose(calibration.std, math.sqrt((0.25 + 9) / 2))
-    # More tests per model make the same z less surprising.
+    # More tests per model make the same log ratio less surprising.
     assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
     assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
-    assert math.isclose(CALIBRATION.probability(CALIBRATION.z_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
+    assert math.isclose(CALIBRATION.probability(CALIBRATION.log_ratio_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
 
 
 def test_scores_only_calibration_never_flags():

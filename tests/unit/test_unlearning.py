@@ -60,7 +60,7 @@ def test_fisher_is_normalised_and_largest_where_the_loss_depends_most():
     x = torch.cat([torch.rand(64, 1, 2, 4), torch.zeros(64, 1, 2, 4)], 2)
     params = list(model.parameters())
     fisher = diagonal_fisher(model, params, x, torch.randint(0, 3, (64,)))
-    assert math.isclose(sum(f.sum() for f in fisher).item() / sum(f.numel() for f in fisher), 1.0, rel_tol=1e-4)
+    assert math.isclose(max(f.max() for f in fisher).item(), 1.0, rel_tol=1e-6)
     assert fisher[0][:, 8:].abs().max() == 0 and fisher[0][:, :8].mean() > 0
 
 

@@ -21,7 +21,7 @@ from worker.sanitize.pipeline import sanitize
 K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
-TOY_CALIBRATION = Calibration(mean=0.0, std=0.7, models=0, source="toy")
+TOY_CALIBRATION = Calibration(mean=0.0, std=0.5, models=0, source="toy")
 SMALL = {"recovery": {"screen_steps": 20, "refine_steps": 60, "generator_steps": 20, "families": ["mask", "blend"]},
          "unlearning": {"epochs": 3}}
 

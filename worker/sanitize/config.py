@@ -20,9 +20,9 @@ class RecoveryConfig(Strict):
         ["mask", "blend", "warp"], min_length=1, max_length=4)
     patch_size: int | None = Field(None, ge=1, le=64, description="side of the patch trigger; default ~H/9")
     screen_steps: int = Field(30, ge=1, le=5000, description="search steps every class gets")
-    refine_steps: int = Field(120, ge=0, le=20000, description="further steps for the finalists")
+    refine_steps: int = Field(240, ge=0, le=20000, description="further steps for the finalists")
     finalists: int = Field(3, ge=1, le=1000, description="classes with the smallest triggers that get the refine steps")
-    batch_size: int = Field(12, ge=4, le=512, description="clean images per class per search step")
+    batch_size: int = Field(16, ge=4, le=512, description="clean images per class per search step")
     lr: float = Field(0.2, gt=0, le=10, description="Adam learning rate of the trigger parameters")
     init_penalty: float = Field(1.0, gt=0, le=1e4, description="starting weight of the size penalty")
     patience: int = Field(5, ge=1, le=1000, description="steps before the size penalty moves (Neural Cleanse)")
@@ -43,10 +43,10 @@ class DetectionConfig(Strict):
 
 
 class UnlearningConfig(Strict):
-    epochs: int = Field(4, ge=0, le=100, description="passes over the training split (0: no unlearning)")
+    epochs: int = Field(5, ge=0, le=100, description="passes over the training split (0: no unlearning)")
     batch_size: int = Field(64, ge=4, le=4096)
     lr: float = Field(0.01, gt=0, le=1, description="SGD learning rate, cosine-annealed to 0")
-    fisher_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights")
+    fisher_weight: float = Field(100.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     rounds: int = Field(2, ge=1, le=5, description="unlearning rounds while verification still finds a trigger")
 

@@ -25,7 +25,8 @@ from .detection import Calibration, ClassScore, backdoor_probability, score_clas
 from .errors import InputError
 from .images import trigger_pictures
 from .loading import Samples, load_model, load_samples, save_model
-from .recovery import FoundTrigger, RecoveredTrigger, held_out_asr, make_families, search_triggers, train_generator
+from .recovery import (FoundTrigger, RecoveredTrigger, held_out_asr, make_families, pixel_budget, search_triggers,
+                       train_generator)
 from .unlearning import accuracy, unlearn
 
 Progress = Callable[[str, float, str], None]
@@ -155,6 +156,9 @@ def detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes: int, con
         for trigger in found:
             trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
             trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
+            if family.name == "mask":  # what detection compares: pixels at full strength, held out
+                trigger.size, trigger.asr = pixel_budget(model, trigger, x_hold, y_hold,
+                                                         config.recovery.success_asr)
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
@@ -178,7 +182,7 @@ def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold
 
 def score_rows(detection: Detection) -> list[dict]:
     return [{"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
-             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5), "z": round(s.z, 3),
+             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5), "log_ratio": round(s.log_ratio, 3),
              "held_out_asr": round(s.asr, 4), "shifted_asr": round(s.shifted_asr, 4),
              "probability": round(s.probability, 4), "flagged": s.flagged}
             for s in detection.scores]
@@ -301,7 +305,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         "detected_targets": [t.target for t in triggers],
         "residual_targets": residual,
         "class_scores": score_rows(detection),
-        "flag_z": round(calibration.z_for(config.detection.flag_probability, len(detection.scores)), 3),
+        "flag_log_ratio": round(calibration.log_ratio_for(config.detection.flag_probability, len(detection.scores)), 3),
         "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
         "recovered_asr": {
             str(t.target): {"before": first.before.recovered_asr[t.target],

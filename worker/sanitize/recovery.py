@@ -297,6 +297,46 @@ def held_out_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor,
     return hits / len(others)
 
 
+@torch.no_grad()
+def pixel_budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
+                 max_images: int = 128) -> tuple[float, float]:
+    """Mask family: the fewest of the trigger's own pixels that, stamped at full strength (its
+    most important first), still send ``success`` of the held-out images of other classes to its
+    class; returns (that share of the image, the held-out ASR it reaches), or the family's
+    ``whole`` and the ASR of all its pixels if even those fall short.
+
+    A backdoor answers to a few saturated pixels, while the L1 size of a searched mask also counts
+    the faint pixels an unconverged search leaves behind: measured on clean Fashion-MNIST models,
+    the classes' budgets spread less than their L1 sizes, and the largest clean score fell."""
+    family = trigger.family
+    others = x[y != trigger.target][:max_images]
+    if not len(others) or not trigger.worked:
+        return family.whole, 0.0
+    parts = family.split(trigger.raw.view(1, -1))
+    order = parts["mask"].flatten().argsort(descending=True)
+    pattern = parts["pattern"]
+
+    def asr(n: int) -> float:
+        mask = torch.zeros(order.numel(), device=x.device)
+        mask[order[:n]] = 1
+        stamped = others + mask.view(1, 1, family.height, family.width) * (pattern - others)
+        hits = sum((model(xb).argmax(1) == trigger.target).sum().item() for xb in stamped.split(500))
+        return hits / len(others)
+
+    low, high = 0, order.numel()  # asr(low) never reaches success; asr(high) is checked first
+    best = asr(high)
+    if best < success:
+        return family.whole, best
+    while high - low > 1:
+        middle = (low + high) // 2
+        reached = asr(middle)
+        if reached >= success:
+            high, best = middle, reached
+        else:
+            low = middle
+    return high / order.numel(), best
+
+
 class BatchedLinear(nn.Module):
     """K independent linear layers applied to K batches at once: (K, B, fan_in) -> (K, B, fan_out)."""
 

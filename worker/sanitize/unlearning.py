@@ -89,8 +89,10 @@ def soft_targets(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batc
 
 def diagonal_fisher(model, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                     batches: int = 16, batch_size: int = 16) -> list[torch.Tensor]:
-    """Squared gradients of the log-likelihood over small batches, normalised to mean 1 over all
-    weights, so the anchor's weight means the same for any model."""
+    """Squared gradients of the log-likelihood over small batches, scaled so the largest is 1:
+    the anchor's weight then means the same for any model, and its stiffest direction stays
+    within what SGD's step size can follow (scaled to mean 1, the few largest values made the
+    anchor itself diverge: clean accuracy 85% -> 44% at weight 10)."""
     fisher = [torch.zeros_like(p) for p in params]
     g = torch.Generator().manual_seed(0)
     for _ in range(batches):
@@ -99,8 +101,8 @@ def diagonal_fisher(model, params: list[torch.Tensor], x: torch.Tensor, y: torch
         for f, grad in zip(fisher, grads):
             if grad is not None:
                 f += grad.pow(2) * batch_size / batches
-    total = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
-    return [f / total.clamp(min=1e-12) for f in fisher]
+    largest = max(f.max() for f in fisher)
+    return [f / largest.clamp(min=1e-12) for f in fisher]
 
 
 def crop_and_flip(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,21 @@ def crop_and_flip(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def stamp_grown(trigger: RecoveredTrigger, x: torch.Tensor) -> torch.Tensor:
+    """Stamps generated triggers; for the mask family, half of them with the mask grown by a pixel.
+
+    A found trigger is the few pixels of the true one that suffice: unlearning only those left
+    the rest of a 2 x 2 BadNets square working on 7% of test images. Grown masks cover the
+    neighbourhood (with the search's unconstrained pattern there, so many colours)."""
+    raw = trigger.sample(len(x))
+    if trigger.family.name != "mask":
+        return trigger.family.stamp(x, raw)
+    parts = trigger.family.split(raw)
+    grow = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+    mask = torch.where(grow, F.max_pool2d(parts["mask"], 3, stride=1, padding=1), parts["mask"])
+    return x + mask * (parts["pattern"] - x)
+
+
 def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Clean term, and the triggered half of the batch sent back to its clean class with the
     bounded ascent away from each trigger's target."""
@@ -123,7 +140,7 @@ def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, targets: torc
     for trigger, part in zip(triggers, torch.arange(half).tensor_split(len(triggers))):
         if not len(part):
             continue
-        logits = model(trigger.stamp(x[part]))
+        logits = model(stamp_grown(trigger, x[part]))
         loss = loss + soft_cross_entropy(logits, targets[part]) * len(part) / half
         others = y[part] != trigger.target
         if others.any():
