@@ -13,8 +13,8 @@ in its original configuration, so that the bench shows what the service's fixes 
    code, for a fixed number of epochs (the paper stops on the TRUE trigger's ASR, an oracle).
 
 The baseline is self-contained so that changes to the service's method cannot move it: from the
-engine it takes only generic pieces (BatchedLinear, MutualInformation, PatchFamily and
-stratified_split).
+engine it takes only generic pieces (BatchedLinear, the noise-fed MLP body, MutualInformation,
+PatchFamily and stratified_split).
 
 Departures from the paper: the generator is an MLP without BatchNorm (fed one chunk of the noise
 per layer, as in MESA) plus a learnt per-class centre (base) that moves at the MLP's own rate, so
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.sanitize.pipeline import stratified_split
-from worker.sanitize.recovery import BatchedLinear, MutualInformation, PatchFamily
+from worker.sanitize.recovery import (BatchedLinear, MutualInformation, PatchFamily, noise_fed_layers,
+                                      run_noise_fed)
 
 from .common import trainable_copy
 
@@ -83,24 +84,12 @@ class PatchGenerators(nn.Module):
 
     def __init__(self, k: int, noise_dim: int, hidden: int, out_dim: int, layers: int = 3):
         super().__init__()
-        self.noise_dim, self.chunk = noise_dim, noise_dim // layers
+        self.noise_dim = noise_dim
         self.base = nn.Parameter(torch.zeros(k, 1, out_dim))
-        widths = [0] + [hidden] * (layers - 1)
-        # A small last layer starts every class's triggers close to its centre.
-        self.layers = nn.ModuleList(
-            BatchedLinear(k, widths[i] + self.chunk, hidden if i < layers - 1 else out_dim,
-                          scale=1.0 if i < layers - 1 else 0.1)
-            for i in range(layers)
-        )
+        self.layers = noise_fed_layers(k, noise_dim, hidden, out_dim, layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = None
-        for i, layer in enumerate(self.layers):
-            chunk = z[..., i * self.chunk:(i + 1) * self.chunk]
-            h = layer(chunk if h is None else torch.cat([h, chunk], -1))
-            if i < len(self.layers) - 1:
-                h = F.leaky_relu(h, 0.2)
-        return h + self.base
+        return run_noise_fed(self.layers, z) + self.base
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.base.shape[0]

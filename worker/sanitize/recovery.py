@@ -349,6 +349,30 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+def noise_fed_layers(k: int, noise_dim: int, hidden: int, out_dim: int, layers: int) -> nn.ModuleList:
+    """MESA's generator body for k classes at once: each layer also takes its own chunk of the
+    noise; a small last layer starts every trigger close to its class's centre."""
+    chunk = noise_dim // layers
+    widths = [0] + [hidden] * (layers - 1)
+    return nn.ModuleList(
+        BatchedLinear(k, widths[i] + chunk, hidden if i < layers - 1 else out_dim,
+                      scale=1.0 if i < layers - 1 else 0.1)
+        for i in range(layers)
+    )
+
+
+def run_noise_fed(layers: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
+    """z (k, B, noise_dim) through ``noise_fed_layers``: (k, B, out_dim)."""
+    chunk = z.shape[-1] // len(layers)
+    h = None
+    for i, layer in enumerate(layers):
+        part = z[..., i * chunk:(i + 1) * chunk]
+        h = layer(part if h is None else torch.cat([h, part], -1))
+        if i < len(layers) - 1:
+            h = F.leaky_relu(h, 0.2)
+    return h
+
+
 class TriggerGenerator(nn.Module):
     """The paper's generator for one class: raw trigger parameters = base + MLP(z), where base is
     the search's trigger and the MLP (the noise cut into one chunk per layer, as in MESA) spreads
@@ -357,24 +381,13 @@ class TriggerGenerator(nn.Module):
     def __init__(self, base: torch.Tensor, noise_dim: int, hidden: int, layers: int = 3, fixed: int = 0):
         super().__init__()
         out_dim = base.numel()
-        self.noise_dim, self.chunk, self.fixed = noise_dim, noise_dim // layers, fixed
+        self.noise_dim, self.fixed = noise_dim, fixed
         self.base = nn.Parameter(base.detach().clone().view(1, 1, out_dim))
-        widths = [0] + [hidden] * (layers - 1)
-        self.layers = nn.ModuleList(
-            BatchedLinear(1, widths[i] + self.chunk, hidden if i < layers - 1 else out_dim - fixed,
-                          scale=1.0 if i < layers - 1 else 0.1)
-            for i in range(layers)
-        )
+        self.layers = noise_fed_layers(1, noise_dim, hidden, out_dim - fixed, layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (1, B, noise_dim) -> raw trigger parameters (1, B, out_dim)."""
-        h = None
-        for i, layer in enumerate(self.layers):
-            chunk = z[..., i * self.chunk:(i + 1) * self.chunk]
-            h = layer(chunk if h is None else torch.cat([h, chunk], -1))
-            if i < len(self.layers) - 1:
-                h = F.leaky_relu(h, 0.2)
-        return F.pad(h, (self.fixed, 0)) + self.base
+        return F.pad(run_noise_fed(self.layers, z), (self.fixed, 0)) + self.base
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.rand(1, n, self.noise_dim, generator=generator).to(self.base.device)
