@@ -48,6 +48,8 @@ def model_format(path: Path) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(16)
+        if zipfile.is_zipfile(path):
+            check_zip_directory(path, path.name)  # before zipfile reads a directory of any size
         names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else None
     except (OSError, zipfile.BadZipFile) as e:
         raise InputError(f"cannot read the model file {path.name}: {e}") from e
