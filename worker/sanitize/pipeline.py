@@ -174,15 +174,17 @@ def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold
         generator = train_generator(model, found, x_train, y_train, config.recovery, seed + score.target)
         trigger = RecoveredTrigger(score.target, found.family, generator, found.size, 0.0)
         others = x_hold[y_hold != score.target]
-        with torch.no_grad():
-            trigger.asr = (model(trigger.stamp(others)).argmax(1) == score.target).float().mean().item() if len(others) else 0.0
+        if len(others):
+            with torch.no_grad():
+                trigger.asr = (model(trigger.stamp(others)).argmax(1) == score.target).float().mean().item()
         triggers.append(trigger)
     return triggers
 
 
 def score_rows(detection: Detection) -> list[dict]:
     return [{"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
-             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5), "log_ratio": round(s.log_ratio, 3),
+             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5),
+             "log_ratio": round(s.log_ratio, 3),
              "held_out_asr": round(s.asr, 4), "shifted_asr": round(s.shifted_asr, 4),
              "probability": round(s.probability, 4), "flagged": s.flagged}
             for s in detection.scores]
@@ -241,7 +243,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
 
     # 4. Unlearn the flagged triggers, then 5. verify with a search from scratch; a trigger the
     # verification still finds is unlearnt in a further round, up to ``rounds``.
-    rounds, verification, unlearning_runs = [], None, []
+    verification, unlearning_runs = None, []
     all_triggers = list(triggers)
     t_unlearn = t_verify = 0.0
     for round_number in range(config.unlearning.rounds if triggers else 0):
@@ -258,7 +260,6 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
                               config.seed + 1000 * (round_number + 1),
                               lambda f, m: report_progress("verification", f, m))
         t_verify += time.perf_counter() - t0
-        rounds.append(verification)
         if verification.probability < config.detection.suspicious_probability or (
                 round_number + 1 == config.unlearning.rounds):
             break
@@ -269,13 +270,13 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
     # nothing even suspicious; any class above that line after unlearning counts as residual.
+    suspicious = config.detection.suspicious_probability
     if triggers:
-        residual = sorted({s.target for s in verification.scores
-                           if s.probability >= config.detection.suspicious_probability})
+        residual = sorted({s.target for s in verification.scores if s.probability >= suspicious})
         verdict = "residual" if residual else "removed"
     else:
         residual = []
-        verdict = "suspicious" if detection.probability >= config.detection.suspicious_probability else "clean"
+        verdict = "suspicious" if detection.probability >= suspicious else "clean"
     changed = bool(triggers)
     out_model = out_dir / f"model{model_path.suffix or '.pt'}"
     if changed:
@@ -299,13 +300,14 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = {
         "verdict": verdict,
-        "verdict_reason": verdict_reason(verdict, detection, verification, config),
+        "verdict_reason": verdict_reason(verdict, detection, verification, residual, config),
         "backdoor_probability": round(detection.probability, 4),
         "backdoor_detected": bool(triggers),
         "detected_targets": [t.target for t in triggers],
         "residual_targets": residual,
         "class_scores": score_rows(detection),
-        "flag_log_ratio": round(calibration.log_ratio_for(config.detection.flag_probability, len(detection.scores)), 3),
+        "flag_log_ratio": round(calibration.log_ratio_for(config.detection.flag_probability,
+                                                          len(detection.scores)), 3),
         "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
         "recovered_asr": {
             str(t.target): {"before": first.before.recovered_asr[t.target],
@@ -313,7 +315,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
             for t in triggers
         },
         "verification": None if verification is None else {
-            "rounds": len(rounds),
+            "rounds": len(unlearning_runs),
             "backdoor_probability": round(verification.probability, 4),
             "class_scores": score_rows(verification)[:num_classes],
         },
@@ -343,7 +345,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None,
-                   config: SanitizeConfig) -> str:
+                   residual: list[int], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
@@ -360,10 +362,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                 f"{' and '.join(why)}; the model is returned unchanged: inspect it, or give more samples")
     if verdict == "removed":
         return (f"backdoor found for class(es) {[s.target for s in detection.flagged]}; after unlearning, "
-                f"a new trigger search from scratch flags no class (backdoor probability "
-                f"{verification.probability:.2f})")
-    residual = sorted({s.target for s in verification.scores
-                       if s.probability >= config.detection.suspicious_probability})
+                f"a new trigger search from scratch finds no class with an unusually small trigger "
+                f"(backdoor probability {verification.probability:.2f})")
     return (f"after unlearning, a new trigger search from scratch still finds unusually small triggers "
             f"for class(es) {residual} (backdoor probability {verification.probability:.2f}): the backdoor "
             "may survive; do not ship this model without further checks")
