@@ -14,7 +14,7 @@ CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test")
 
 
 def found(sizes, family=MASK, asr=0.95):
-    return [FoundTrigger(c, family, torch.zeros(family.dim), size, 1.0, 10, asr=asr, shifted_asr=asr)
+    return [FoundTrigger(c, family, torch.zeros(family.dim), size, size, True, asr=asr, shifted_asr=asr)
             for c, size in enumerate(sizes)]
 
 

@@ -182,13 +182,10 @@ class FoundTrigger:
     family: Family
     raw: torch.Tensor  # (dim,) unconstrained parameters
     size: float  # its size (see the family); the family's ``whole`` if the search never worked
-    train_asr: float  # share of the search's last batches that it sent to the target
-    steps: int  # search steps this class ran
-    screen_size: float = 0.0  # its smallest working size after the first round, when all classes had equal steps
-    asr: float = 0.0  # on the held-out split (filled in by ``held_out_asr``)
+    screen_size: float  # its smallest working size after the first round, when all classes had equal steps
+    worked: bool  # whether any batch ever held the target
+    asr: float = 0.0  # on the held-out split (filled in by ``held_out_asr`` or ``pixel_budget``)
     shifted_asr: float = 0.0  # the same, moved by one pixel
-
-    worked: bool = True
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor, y: torch.Tensor):
@@ -218,8 +215,6 @@ def search_triggers(model, family: Family, x: torch.Tensor, y: torch.Tensor, num
     best_size = torch.full((num_classes,), math.inf)
     asr_average = torch.zeros(num_classes)
     best_raw = raw.clone()
-    last_asr = torch.zeros(num_classes)
-    steps = torch.zeros(num_classes, dtype=torch.long)
     total = cfg.screen_steps + cfg.refine_steps
 
     def run(rows: list[int], n_steps: int, start: int) -> None:
@@ -248,8 +243,6 @@ def search_triggers(model, family: Family, x: torch.Tensor, y: torch.Tensor, num
             with torch.no_grad():
                 for j, i in enumerate(live.tolist()):
                     c = rows[i]
-                    steps[c] += 1
-                    last_asr[c] = asr[j].item()
                     asr_average[c] = 0.7 * asr_average[c] + 0.3 * asr[j].item()
                     # One batch of a dozen images can be lucky: the recent average must agree.
                     works = min(asr[j].item(), asr_average[c].item()) >= cfg.success_asr
@@ -278,7 +271,7 @@ def search_triggers(model, family: Family, x: torch.Tensor, y: torch.Tensor, num
     ranking = sorted(everyone, key=lambda c: (best_size[c].item(), -asr_average[c].item()))
     run(ranking[: cfg.finalists], cfg.refine_steps, cfg.screen_steps)
     return [FoundTrigger(c, family, best_raw[c].clone(), min(best_size[c].item(), family.whole),
-                         last_asr[c].item(), int(steps[c]), screen_size[c], worked=bool(best_size[c].isfinite()))
+                         screen_size[c], worked=bool(best_size[c].isfinite()))
             for c in everyone]
 
 
