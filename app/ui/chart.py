@@ -1,8 +1,8 @@
 """The geometry of the per-class score chart on the job page (the template draws it as SVG).
 
-One bar per class: its anomaly index, how far below the other classes' its smallest working
+One bar per class: its log ratio, how much smaller than the median class's its smallest working
 trigger is (higher is more suspicious). Flagged classes are drawn apart, and a dashed line marks
-the detection threshold.
+the flagging line of the calibration.
 """
 
 from dataclasses import dataclass
