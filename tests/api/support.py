@@ -1,4 +1,4 @@
-"""Helpers of the tests that start processes and wait for them."""
+"""Helpers of the API tests: processes to start and wait for, and problem+json answers."""
 
 import socket
 import threading
@@ -71,3 +71,14 @@ def close(s: socket.socket) -> None:
     except OSError:  # closed already
         pass
     s.close()
+
+
+def assert_problem(response, status: int, *words: str) -> dict:
+    """An RFC 9457 problem+json answer with this status whose detail names every word."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
+    for word in words:
+        assert word in body["detail"], body["detail"]
+    return body

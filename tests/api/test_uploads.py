@@ -11,9 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-
-PROBLEM = "application/problem+json"
-
+from tests.api.support import assert_problem
 
 def zip_of(**members: bytes) -> bytes:
     buffer = io.BytesIO()
@@ -31,15 +29,6 @@ def nothing_stored(client, auth, settings):
     artifacts = Path(settings.artifact_dir)
     assert [p for p in artifacts.rglob("*") if p.is_file()] == []
 
-
-def assert_problem(response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
-    for word in words:
-        assert word in body["detail"], body["detail"]
-    return body
 
 
 @pytest.mark.usefixtures("nothing_stored")

@@ -9,19 +9,7 @@ from sqlalchemy import func, select
 
 from app.main import create_app
 from app.models import Job, WebhookDelivery
-from tests.api.support import free_port, wait_for
-
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
-    for word in words:
-        assert word in body["detail"], body["detail"]
-    return body
+from tests.api.support import assert_problem, free_port, wait_for  # noqa: F401  (re-exported)
 
 
 @pytest.fixture
