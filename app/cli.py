@@ -75,8 +75,8 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.core.config import Settings
-    from app.db import upgrade
-    from app.logging_setup import setup_logging, uvicorn_log_config
+    from app.core.db import upgrade
+    from app.core.logging_setup import setup_logging, uvicorn_log_config
     from app.main import create_app
 
     settings = Settings()
@@ -129,7 +129,7 @@ def worker_command(args: argparse.Namespace) -> int:
     from app.core.config import Settings
     from worker.devices import worker_devices
 
-    from app.logging_setup import setup_logging
+    from app.core.logging_setup import setup_logging
 
     settings = Settings()
     setup_logging(settings.log_format, settings.log_level, "worker")
@@ -140,7 +140,7 @@ def worker_command(args: argparse.Namespace) -> int:
     if not sandbox_ready(settings):
         return 1
     if settings.worker_metrics_port:
-        from app.metrics import start_worker_metrics
+        from app.core.metrics import start_worker_metrics
 
         start_worker_metrics(settings.worker_metrics_port, devices)
     if settings.broker_url:
@@ -149,14 +149,14 @@ def worker_command(args: argparse.Namespace) -> int:
         # Connected, this signal keeps Celery from replacing our handlers with its own format.
         celery_setup_logging.connect(lambda **_: setup_logging(settings.log_format, settings.log_level,
                                                                "worker"), weak=False)
-        from worker.tasks import serve
+        from worker.celery_worker import serve
 
         serve(devices)  # Celery handles SIGTERM: it lets the running jobs finish, then stops
         return 0
 
-    from app.db import make_engine, make_sessions
-    from app.storage import LocalArtifactStore
-    from worker.jobs import work
+    from app.core.db import make_engine, make_sessions
+    from app.core.storage import LocalArtifactStore
+    from worker.runner import work
 
     if args.device:  # before the engine is imported: CUDA reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
@@ -195,7 +195,7 @@ def db_upgrade_command(args: argparse.Namespace) -> int:
     from sqlalchemy.engine import make_url
 
     from app.core.config import Settings
-    from app.db import upgrade
+    from app.core.db import upgrade
 
     settings = Settings()
     upgrade(settings.database_url)
@@ -208,7 +208,7 @@ def keys_create_command(args: argparse.Namespace) -> int:
 
     from app.core.config import Settings
     from app.core.security import create_api_key
-    from app.db import make_engine, make_sessions
+    from app.core.db import make_engine, make_sessions
 
     try:
         with make_sessions(make_engine(Settings().database_url))() as session:

@@ -16,12 +16,12 @@ from app.api.deps import KNOWN_KEY_TTL_S, TTLCache
 from app.api.routes import health, jobs, metrics, webhooks
 from app.core.config import Settings
 from app.core.security import ensure_api_key
-from app.db import make_engine, make_sessions
-from app.metrics import make_registry
-from app.problems import install_problem_handlers
-from app.storage import LocalArtifactStore
+from app.core.db import make_engine, make_sessions
+from app.core.metrics import make_registry
+from app.api.problems import install_problem_handlers
+from app.core.storage import LocalArtifactStore
 from app.ui.routes import router as ui_router
-from worker.celery_app import JobQueue
+from app.core.job_queue import JobQueue
 from worker.sanitize import __version__
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ COPY app app
 COPY worker worker
 COPY bench bench
 COPY migrations migrations
-# Editable (--no-deps: only the pins above): app/db.py finds migrations/ beside the code.
+# Editable (--no-deps: only the pins above): app/core/db.py finds migrations/ beside the code.
 RUN pip install --no-deps --editable . \
     && useradd --uid 10001 --create-home --shell /usr/sbin/nologin baerase \
     && mkdir -p /var/lib/baerase/artifacts && chown -R baerase:baerase /var/lib/baerase

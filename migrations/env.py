@@ -1,11 +1,11 @@
-"""Alembic environment: the database is the app's (BAERASE_DATABASE_URL) unless `app.db`
+"""Alembic environment: the database is the app's (BAERASE_DATABASE_URL) unless `app.core.db`
 passes another URL. Runs on PostgreSQL and SQLite alike (batch mode for SQLite's ALTERs)."""
 
 from alembic import context
 
 from app.core.config import Settings
-from app.db import make_engine
-from app.models import Base
+from app.core.db import make_engine
+from app.core.models import Base
 
 config = context.config
 database_url = config.attributes.get("database_url") or Settings().database_url

@@ -2,7 +2,7 @@
 untrusted code, in a child process that can read only the job's inputs and the Python
 installation, write only its output directory (and a scratch directory of its own), open no
 socket, signal or trace no process outside it, and sees none of the parent's environment; with
-CPU-time, memory and wall-time limits. The service's workers (worker/jobs.py) and
+CPU-time, memory and wall-time limits. The service's workers (worker/runner.py) and
 `baerase sanitize` (app/cli.py) both run the engine through ``run_sanitize_sandboxed``.
 
 How: the parent starts a fresh interpreter and sends it the job as JSON on its stdin. The child

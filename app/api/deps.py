@@ -14,14 +14,14 @@ from typing import Annotated, Generic, TypeVar
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
 
-from app import crud
+from app.api.job_queries import find_job
+from app.api.problems import Problem
 from app.core.config import Settings
+from app.core.db import Sessions
+from app.core.models import Job, Tenant
 from app.core.security import hash_key, tenant_for_key
-from app.models import Job, Tenant
-from app.problems import Problem
-from app.storage import ArtifactStore
+from app.core.storage import ArtifactStore
 
 K, V = TypeVar("K"), TypeVar("V")
 # How long the API trusts an API key it has looked up.
@@ -29,7 +29,7 @@ KNOWN_KEY_TTL_S = 60
 
 
 # Plain lookups are async: a sync dependency would cost each request a trip to the thread pool.
-async def get_sessions(request: Request) -> sessionmaker[Session]:
+async def get_sessions(request: Request) -> Sessions:
     return request.app.state.sessions
 
 
@@ -41,7 +41,7 @@ async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+SessionsDep = Annotated[Sessions, Depends(get_sessions)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
@@ -70,7 +70,7 @@ async def get_current_tenant(request: Request, sessions: SessionsDep, credential
     return tenant
 
 
-def look_up_key(sessions: sessionmaker[Session], key: str) -> Tenant | None:
+def look_up_key(sessions: Sessions, key: str) -> Tenant | None:
     with sessions() as session:
         return tenant_for_key(session, key)
 
@@ -80,7 +80,7 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 def get_job(job_id: str, sessions: SessionsDep, tenant: CurrentTenant) -> Job:
     with sessions() as session:
-        return crud.get_job(session, tenant, job_id)
+        return find_job(session, tenant, job_id)
 
 
 JobDep = Annotated[Job, Depends(get_job)]

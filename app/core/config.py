@@ -2,7 +2,7 @@
 
 The defaults are the embedded mode: SQLite and artifacts under ./baerase-data, no broker. Point
 BAERASE_DATABASE_URL at PostgreSQL (postgresql+psycopg://...) and BAERASE_BROKER_URL at Redis for
-production: the API then queues Celery tasks, and `baerase worker` runs them (worker/celery_app.py).
+production: the API then queues Celery tasks, and `baerase worker` runs them (worker/celery_worker.py).
 """
 
 from pathlib import Path

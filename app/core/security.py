@@ -1,6 +1,6 @@
 """API keys: random secrets shown once, stored only as sha256 hashes (a key has 256 bits of
 entropy, so a fast hash is enough), each belonging to one tenant. Each tenant also has a webhook
-signing secret (see app/webhooks.py)."""
+signing secret (see app/core/webhooks.py)."""
 
 import base64
 import hashlib
@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant
+from app.core.models import ApiKey, Tenant
 
 KEY_PREFIX = "bae_"
 WEBHOOK_SECRET_PREFIX = "whsec_"  # the Standard Webhooks spelling: whsec_<base64 of the key bytes>

@@ -5,12 +5,13 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from app import crud
 from app.api.deps import CurrentTenant, JobDep, SessionsDep
+from app.api.job_queries import canonical_uuid, list_jobs
+from app.api.problems import Problem
 from app.api.routes.jobs import RETRY_AFTER_S
-from app.models import Job, JobStatus, TriggerImage
-from app.problems import Problem
-from app.schemas import job_view, trigger_views
+from app.api.schemas import trigger_views
+from app.core.job_views import job_view
+from app.core.models import Job, JobStatus, TriggerImage
 from app.ui.chart import score_chart
 
 HERE = Path(__file__).parent
@@ -39,7 +40,7 @@ def jobs_page(request: Request) -> HTMLResponse:
 
 @router.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: str) -> HTMLResponse:
-    if crud.canonical_uuid(job_id) is None:  # a job has one URL, as in the API
+    if canonical_uuid(job_id) is None:  # a job has one URL, as in the API
         raise Problem(404, f"there is no job {job_id}")
     return page(request, f"Job {job_id}", f"/ui/fragments/jobs/{job_id}")
 
@@ -47,7 +48,7 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
 @router.get("/fragments/jobs")
 def jobs_fragment(request: Request, sessions: SessionsDep, tenant: CurrentTenant) -> HTMLResponse:
     with sessions() as session:  # views too: a view may read the job's deferred columns
-        jobs, more = crud.list_jobs(session, tenant, None, LIST_SIZE, None)
+        jobs, more = list_jobs(session, tenant, None, LIST_SIZE, None)
         views = [job_view(job) for job in jobs]
     # The list refreshes itself for as long as it is open: new jobs may arrive from anywhere.
     return templates.TemplateResponse(request, "jobs.html", {

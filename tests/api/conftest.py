@@ -16,9 +16,9 @@ from sqlalchemy import create_engine, text
 
 from app.core.config import Settings
 from app.core.security import create_api_key
-from app.db import upgrade
+from app.core.db import upgrade
 from app.main import create_app
-from app.models import Base
+from app.core.models import Base
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

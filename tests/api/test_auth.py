@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from app.cli import main as baerase
 from app.main import create_app
-from app.models import ApiKey
+from app.core.models import ApiKey
 
 PROBLEM = "application/problem+json"
 

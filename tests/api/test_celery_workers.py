@@ -20,9 +20,9 @@ import redis
 from sqlalchemy import select
 
 from app.core.config import Settings
-from app.models import Job
+from app.core.models import Job
 from tests.api.support import free_port, wait_for
-from worker.celery_app import QUEUE
+from app.core.job_queue import QUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

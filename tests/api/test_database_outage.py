@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
+from app.core.lifecycle import claim, finish
+from app.core.models import Job, JobStatus
 from app.main import create_app
-from app.models import Job, JobStatus
 from tests.api.support import PATIENCE_S, CuttableProxy, wait_for
-from worker.jobs import claim, finish
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
@@ -49,7 +49,7 @@ def test_a_final_write_waits_for_the_database(submit, sessions, settings, proxy,
     outcome = {}
     writer = threading.Thread(target=lambda: outcome.update(
         status=finish(sessions, settings, job_claim, JobStatus.failed, "internal_error", "it broke")))
-    with caplog.at_level(logging.WARNING, logger="app.db"):
+    with caplog.at_level(logging.WARNING, logger="app.core.db"):
         writer.start()
         wait_for(lambda: "the database is unavailable" in caplog.text, "the write to be retried")
     proxy.restore()

@@ -8,9 +8,9 @@ from sqlalchemy import create_engine, inspect, text
 
 from app.cli import main as baerase
 from app.core.config import Settings
-from app.db import alembic_config, upgrade
+from app.core.db import alembic_config, upgrade
 from app.main import create_app
-from app.models import Base
+from app.core.models import Base
 
 
 def test_healthz_and_readyz(client):

@@ -3,7 +3,7 @@
 from pathlib import Path
 from uuid import UUID
 
-from worker.jobs import claim
+from app.core.lifecycle import claim
 
 PROBLEM = "application/problem+json"
 

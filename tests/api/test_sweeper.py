@@ -9,9 +9,9 @@ import pytest
 
 from sqlalchemy import select, update
 
-from app.models import Job, JobStatus, WebhookDelivery, utcnow
-from worker.jobs import JobTracker, claim, finish
-from worker.sweeper import recover_lost_jobs, take_waiting_jobs
+from app.core.lifecycle import claim, finish, recover_lost_jobs, take_waiting_jobs
+from app.core.models import Job, JobStatus, WebhookDelivery, utcnow
+from worker.runner import JobTracker
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from app.models import utcnow
-from app.webhooks import deliver_due, sign
+from app.core.models import utcnow
+from app.core.webhooks import deliver_due, sign
 from tests.api.support import wait_for
 
 

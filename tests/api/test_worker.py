@@ -13,7 +13,8 @@ from uuid import UUID
 
 import pytest
 
-from worker.jobs import claim, execute, run_job
+from app.core.lifecycle import claim
+from worker.runner import execute, run_job
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"recovery": {"screen_steps": 5, "refine_steps": 5, "generator_steps": 5, "families": ["patch"]},

@@ -8,10 +8,10 @@ import re
 import urllib.request
 from uuid import UUID
 
-from app.logging_setup import JobContextFilter, JsonFormatter, job_context, setup_logging
-from app.metrics import start_worker_metrics
+from app.core.logging_setup import JobContextFilter, JsonFormatter, job_context, setup_logging
+from app.core.metrics import start_worker_metrics
 from tests.api.support import free_port
-from worker.jobs import run_job
+from worker.runner import run_job
 
 FAST = {"recovery": {"screen_steps": 5, "refine_steps": 5, "generator_steps": 5, "families": ["patch"]},
         "unlearning": {"epochs": 1, "rounds": 1}}
@@ -87,7 +87,7 @@ def test_metrics_after_jobs_and_their_log_lines(app, client, submit, auth, torch
 
 
 def _job(app, job: dict):
-    from app.models import Job
+    from app.core.models import Job
 
     with app.state.sessions() as session:
         found = session.get(Job, UUID(job["id"]))

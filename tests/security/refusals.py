@@ -8,7 +8,7 @@ import uvicorn
 from sqlalchemy import func, select
 
 from app.main import create_app
-from app.models import Job, WebhookDelivery
+from app.core.models import Job, WebhookDelivery
 from tests.api.support import assert_problem, free_port, wait_for  # noqa: F401  (re-exported)
 
 

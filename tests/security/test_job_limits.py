@@ -10,7 +10,7 @@ from app.core.config import Settings
 from tests.api.test_celery_workers import broker, wait_until_finished, workers  # noqa: F401  (fixtures)
 from tests.security.payloads import RunsForever, samples, torchscript
 from tests.security.sandbox_tasks import sandbox_children
-from worker.jobs import run_job
+from worker.runner import run_job
 
 LIMIT_S = 3
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.security.payloads import TinyCNN, WritesAFile, samples, torchscript
-from worker.jobs import run_job
+from worker.runner import run_job
 from worker.sanitize.architectures import ARCHITECTURES, build_model
 from worker.sanitize.errors import InputError
 from worker.sanitize.loading import Samples, load_model

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from sqlalchemy import select
 
-from app.models import Job, WebhookDelivery
-from app.webhooks import deliver_due
+from app.core.models import Job, WebhookDelivery
+from app.core.webhooks import deliver_due
 from tests.security.refusals import assert_problem, nothing_stored  # noqa: F401  (a fixture)
 
 INTERNAL = [

@@ -3,8 +3,8 @@ from kombu import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import SettingsDep
-from app.db import current_revision, head_revision
-from app.problems import Problem
+from app.core.db import current_revision, head_revision
+from app.api.problems import Problem
 
 router = APIRouter(tags=["health"])
 

@@ -8,15 +8,18 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app import crud
+from app.api import job_queries, submission
 from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep, TTLCache
-from app.models import ArtifactRole, Job, JobStatus, Tenant, TriggerImage
-from app.problems import MEDIA_TYPE, Problem
-from app.schemas import JobPage, JobView, TriggerList, job_path, job_view, trigger_views
-from app.storage import read_chunks
-from app.uploads import receive_job_form
+from app.api.problems import MEDIA_TYPE, Problem
+from app.api.schemas import JobPage, TriggerList, trigger_views
+from app.api.uploads import receive_job_form
+from app.core import lifecycle
+from app.core.db import Sessions
+from app.core.job_views import JobView, job_path, job_view
+from app.core.models import ArtifactRole, Job, JobStatus, Tenant, TriggerImage
+from app.core.storage import read_chunks
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 T = TypeVar("T")
@@ -50,7 +53,7 @@ async def create_job(
     if idempotency_key is None:
         # Refused before the upload, which would be wasted. Not for a retry with a key: its job
         # may be one of those counted, and the answer is that job.
-        await run_in_threadpool(in_session, sessions, crud.check_active_jobs, tenant,
+        await run_in_threadpool(in_session, sessions, submission.check_active_jobs, tenant,
                                 settings.max_active_jobs_per_tenant)
     form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
     try:
@@ -69,9 +72,9 @@ async def create_job(
 
 
 def submit_and_view(session: Session, *args) -> tuple[JobView, bool]:
-    """crud.submit_job, and the job's view made in the same session (a replayed job may have
+    """submission.submit_job, and the job's view made in the same session (a replayed job may have
     finished, and a view may read the job's deferred columns)."""
-    job, replayed = crud.submit_job(session, *args)
+    job, replayed = submission.submit_job(session, *args)
     return job_view(job), replayed
 
 
@@ -83,7 +86,7 @@ def list_jobs(
     page_token: str | None = None,
 ) -> JobPage:
     with sessions() as session:  # views too: a view may read the job's deferred columns
-        jobs, next_token = crud.list_jobs(session, tenant, status, page_size, page_token)
+        jobs, next_token = job_queries.list_jobs(session, tenant, status, page_size, page_token)
         return JobPage(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
 
 
@@ -106,7 +109,7 @@ async def read_job(job_id: str, request: Request, sessions: SessionsDep, tenant:
 
 def read_view(session: Session, tenant: Tenant, job_id: str) -> tuple[bytes, bool]:
     """The job as GET /jobs/{id} answers it (JSON), and whether it has finished."""
-    view = job_view(crud.get_job(session, tenant, job_id))
+    view = job_view(job_queries.find_job(session, tenant, job_id))
     return view.model_dump_json().encode(), view.status.finished
 
 
@@ -114,7 +117,10 @@ def read_view(session: Session, tenant: Tenant, job_id: str) -> tuple[bytes, boo
              responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
 def cancel_job(job: JobDep, sessions: SessionsDep, request: Request) -> JobView:
     with sessions() as session:
-        view = job_view(crud.cancel_job(session, job))
+        job = lifecycle.cancel_job(session, job.id)
+        if job.status in (JobStatus.succeeded, JobStatus.failed):
+            raise Problem(409, f"the job has already {job.status.value}; there is nothing to cancel")
+        view = job_view(job)
     request.app.state.recent_views.pop(str(job.id))
     return view
 
@@ -123,7 +129,9 @@ def cancel_job(job: JobDep, sessions: SessionsDep, request: Request) -> JobView:
                responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
 def delete_job(job: JobDep, sessions: SessionsDep, store: StoreDep, request: Request) -> Response:
     with sessions() as session:
-        crud.delete_job(session, store, job)
+        if not lifecycle.delete_job(session, store, job.id):
+            raise Problem(409, f"job {job.id} is running; cancel it (POST /jobs/{job.id}/cancel) and "
+                               "delete it once it has stopped")
     request.app.state.recent_views.pop(str(job.id))
     return Response(status_code=204)
 
@@ -175,7 +183,7 @@ def read_report(job: JobDep, sessions: SessionsDep) -> JSONResponse:
     return JSONResponse(report)
 
 
-def in_session(sessions: sessionmaker[Session], function: Callable[..., T], *args) -> T:
+def in_session(sessions: Sessions, function: Callable[..., T], *args) -> T:
     """function(session, *args) in a session of its own, for run_in_threadpool: the session and
     its connection live only as long as this one call in one thread (see app/api/deps.py)."""
     with sessions() as session:

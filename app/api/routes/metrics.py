@@ -1,6 +1,6 @@
 from fastapi import APIRouter, Request, Response
 
-from app.metrics import render
+from app.core.metrics import render
 
 router = APIRouter(tags=["health"])
 

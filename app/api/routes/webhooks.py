@@ -3,8 +3,8 @@ from sqlalchemy import select
 
 from app.api.deps import CurrentTenant, JobDep, SessionsDep
 from app.api.routes.jobs import PROBLEM
-from app.models import WebhookDelivery
-from app.schemas import WebhookDeliveryList, WebhookDeliveryView, WebhookSecret
+from app.core.models import WebhookDelivery
+from app.api.schemas import WebhookDeliveryList, WebhookDeliveryView, WebhookSecret
 
 router = APIRouter(tags=["webhooks"])
 

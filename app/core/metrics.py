@@ -1,7 +1,7 @@
 """`GET /metrics` in the Prometheus text format, and the workers' metrics server.
 
 Every job number is computed from the database when Prometheus scrapes, by a custom collector,
-not counted in process memory: the jobs table is the source of truth (see app/models.py), jobs
+not counted in process memory: the jobs table is the source of truth (see app/core/models.py), jobs
 are finished by worker processes (often Celery pool processes that exit after each job) on other
 hosts, and the API may run as several replicas. In-memory counters would be split across
 processes and reset by every restart; the database's answer is the same from any replica and
@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus
+from app.core.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from celery.signals import worker_process_init
 from celery.utils.log import current_process_index
 
 from app.core.config import Settings
-from app.db import make_engine, make_sessions
-from app.storage import LocalArtifactStore
-from worker.celery_app import QUEUE, RUN_JOB_TASK, make_celery
-from worker.jobs import run_job
+from app.core.db import make_engine, make_sessions
+from app.core.job_queue import QUEUE, RUN_JOB_TASK, make_celery
+from app.core.storage import LocalArtifactStore
+from worker.runner import run_job
 from worker.sweeper import sweep_forever
 
 log = logging.getLogger(__name__)

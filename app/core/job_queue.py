@@ -1,8 +1,9 @@
-"""Celery wiring, configured from settings for long GPU jobs as Celery's docs advise. The API and
-the sweepers send messages through ``JobQueue``; the worker's task lives in worker/tasks.py.
+"""The broker: Celery configured from settings for long GPU jobs, as Celery's docs advise. The API
+and the sweepers send messages through ``JobQueue``; the worker's app and task are in
+worker/celery_worker.py.
 
-A message only says "job X is ready": the jobs table holds the state, and the claim in
-worker/jobs.py decides who runs a job. So a lost message is sent again by a sweeper, and a
+A message only says "job X is ready": the jobs table holds the state, and the claim
+(app/core/lifecycle.py) decides who runs a job. So a lost message is sent again by a sweeper, and a
 duplicate one finds the job already claimed and does nothing.
 """
 

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # What a lost or refused connection (or SQLite's "database is locked") raises: worth retrying.
 UNAVAILABLE = (OperationalError, InterfaceError)
 # Longest pause between two tries of a write that waits for the database.
@@ -24,6 +24,8 @@ MAX_RETRY_DELAY_S = 15.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What opens a session: ``with sessions() as session: ...``.
+Sessions = sessionmaker[Session]
 
 
 def make_engine(database_url: str, pool_size: int = 5) -> Engine:
@@ -49,7 +51,7 @@ def make_engine(database_url: str, pool_size: int = 5) -> Engine:
     return engine
 
 
-def make_sessions(engine: Engine) -> sessionmaker[Session]:
+def make_sessions(engine: Engine) -> Sessions:
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -10,7 +10,6 @@ import contextvars
 import json
 import logging
 import sys
-import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -25,25 +24,6 @@ def job_context(job_id, tenant: str | None = None):
         yield
     finally:
         _job.reset(token)
-
-
-@contextmanager
-def job_context_from_db(sessions, job_id: uuid.UUID):
-    """job_context with the tenant's name read from the database (None when it cannot be)."""
-    tenant = None
-    try:
-        from app.models import Job
-
-        with sessions() as session:
-            job = session.get(Job, job_id)
-            if job is not None:
-                from app.models import Tenant
-
-                tenant = session.get(Tenant, job.tenant_id).name
-    except Exception:  # a log field must never stop a job
-        pass
-    with job_context(job_id, tenant):
-        yield
 
 
 class JobContextFilter(logging.Filter):

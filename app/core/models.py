@@ -2,7 +2,7 @@
 database keeps their keys and checksums, the reports, metrics and trigger images (PNG bytes).
 
 The jobs table is the source of truth for every job's state; a broker message only says "job X
-is ready" and can be lost or sent twice without harm (see worker/jobs.py and worker/sweeper.py)."""
+is ready" and can be lost or sent twice without harm (see app/core/lifecycle.py)."""
 
 import uuid
 from datetime import UTC, datetime

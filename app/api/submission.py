@@ -1,24 +1,22 @@
-"""Creating, finding, cancelling and deleting jobs, for one tenant at a time."""
+"""Turning a received upload (app/api/uploads.py) into a queued job: the config's checks, the
+tenant's limit on active jobs, and Idempotency-Key replays. Refusals are problem details."""
 
-import base64
 import hashlib
 import json
 import math
 import uuid
-from datetime import datetime
 
 from pydantic import AnyHttpUrl, ValidationError
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.api.problems import Problem, describe_validation_errors
+from app.api.uploads import MODEL_SUFFIXES, JobForm, model_format, samples_suffix
 from app.core.config import Settings
-from app.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant, utcnow
-from app.problems import Problem, describe_validation_errors
-from app.storage import ArtifactStore
-from app.uploads import MODEL_SUFFIXES, JobForm, model_format, samples_suffix
-from app.webhook_urls import UnsafeWebhookUrl, check_webhook_url
-from app.webhooks import queue_webhook
+from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
+from app.core.storage import ArtifactStore
+from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
 from worker.sanitize.config import ARCHITECTURE_NAMES, SanitizeConfig
 
 # Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.
@@ -138,80 +136,3 @@ def idempotent_job(session: Session, tenant: Tenant, key: str, request_sha256: s
         raise Problem(422, f"Idempotency-Key {key!r} was already used for a different request "
                            f"(job {record.job_id}); use a new key for a new job")
     return record.job
-
-
-def canonical_uuid(text: str) -> uuid.UUID | None:
-    """The UUID in its one canonical spelling (lowercase, hyphenated), else None: a job has one
-    URL, so that caches, logs and rate limits see one job as one."""
-    try:
-        value = uuid.UUID(text)
-    except ValueError:
-        return None
-    return value if str(value) == text else None
-
-
-def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    job_uuid = canonical_uuid(job_id)
-    job = None
-    if job_uuid is not None:
-        job = session.scalar(select(Job).where(Job.id == job_uuid, Job.tenant_id == tenant.id))
-    if job is None:  # another tenant's job is as absent as one that never existed
-        raise Problem(404, f"there is no job {job_id}; list yours with GET /jobs")
-    return job
-
-
-def list_jobs(session: Session, tenant: Tenant, status: JobStatus | None, page_size: int,
-              page_token: str | None) -> tuple[list[Job], str | None]:
-    """Newest first; the page token is the (created_at, id) of the last job on the previous page."""
-    query = select(Job).where(Job.tenant_id == tenant.id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if page_token:
-        created_at, job_id = decode_page_token(page_token)
-        query = query.where(or_(Job.created_at < created_at,
-                                and_(Job.created_at == created_at, Job.id < job_id)))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(page_size + 1)))
-    if len(jobs) <= page_size:
-        return jobs, None
-    last = jobs[page_size - 1]
-    return jobs[:page_size], encode_page_token(last.created_at, last.id)
-
-
-def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), str(job_id)]).encode()).decode()
-
-
-def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except (ValueError, TypeError, AttributeError, RecursionError):  # whatever a forged token holds
-        raise Problem(422, "page_token is not valid; pass the next_page_token of the previous "
-                           "page unchanged") from None
-
-
-def cancel_job(session: Session, job: Job) -> Job:
-    """A queued job is cancelled at once; a running one is asked to stop (the worker checks
-    between steps and marks it cancelled)."""
-    queued = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow()))
-    if queued.rowcount == 1:
-        queue_webhook(session, job.id)  # a worker delivers it
-    else:
-        session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running)
-                        .values(cancel_requested=True))
-    session.commit()
-    job = session.get(Job, job.id, populate_existing=True)
-    if job.status in (JobStatus.succeeded, JobStatus.failed):
-        raise Problem(409, f"the job has already {job.status.value}; there is nothing to cancel")
-    return job
-
-
-def delete_job(session: Session, store: ArtifactStore, job: Job) -> None:
-    deleted = session.execute(delete(Job).where(Job.id == job.id, Job.status != JobStatus.running))
-    session.commit()
-    if deleted.rowcount == 0:
-        raise Problem(409, f"job {job.id} is running; cancel it (POST /jobs/{job.id}/cancel) and "
-                           "delete it once it has stopped")
-    store.delete_prefix(f"jobs/{job.id}")

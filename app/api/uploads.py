@@ -20,8 +20,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from worker.sanitize.errors import InputError
 from worker.sanitize.sample_sizes import check_zip_directory, inspect_samples
 
-from .problems import Problem
-from .storage import ArtifactStore, StagedFile
+from app.api.problems import Problem
+from app.core.storage import ArtifactStore, StagedFile
 
 MAX_CONFIG_BYTES = 64 * 1024
 # The headers of one part (Content-Disposition, Content-Type): a few hundred bytes in practice;

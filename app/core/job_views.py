@@ -1,13 +1,16 @@
-"""What the API returns. ``job_view`` is shared with the worker, which posts it to webhooks."""
+"""A job as the API shows it and its webhooks carry it: ``job_view`` turns a jobs row (with its
+artifacts and metric rows) into a ``JobView``; ``report_metrics`` names the report's numbers for
+those metric rows."""
 
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from app.models import ArtifactRole, DeliveryStatus, Job, JobStatus, TriggerImage
-from app.webhook_urls import without_credentials
+from app.core.models import ArtifactRole, Job, JobStatus
 
+# Report sections whose numbers are kept as job_metrics rows, named by their dotted path.
+METRIC_SECTIONS = ("clean_accuracy", "recovered_asr", "timings_s", "sample_accuracy", "backdoor_probability")
 
 class Progress(BaseModel):
     stage: str | None = Field(description="validate | recovery | unlearning | report")
@@ -70,53 +73,6 @@ class JobView(BaseModel):
     links: JobLinks
 
 
-class JobPage(BaseModel):
-    jobs: list[JobView]
-    next_page_token: str | None = Field(description="pass as page_token for the next page")
-
-
-class TriggerView(BaseModel):
-    class_: int = Field(serialization_alias="class", description="the class the trigger flips inputs to")
-    family: str = Field(description="patch | mask")
-    score: float | None = Field(description="log ratio of the class: how much smaller its trigger "
-                                            "is than the median class's (higher: more suspicious)")
-    images: dict[str, str] = Field(description="picture kind (mask, pattern, stamped) -> PNG URL")
-
-
-class TriggerList(BaseModel):
-    triggers: list[TriggerView]
-
-
-class WebhookSecret(BaseModel):
-    secret: str = Field(description="whsec_<base64>: verify webhook-signature with the base64-decoded "
-                                    "bytes as the HMAC-SHA256 key (Standard Webhooks)")
-
-
-class WebhookDeliveryView(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    message_id: str = Field(description="the webhook-id header; the same on every attempt")
-    event_type: str = Field(description="job.succeeded | job.failed | job.cancelled")
-    url: str
-    status: DeliveryStatus = Field(description="pending (more attempts to come) | delivered | failed")
-    attempts: int
-    next_attempt_at: datetime | None
-    last_status_code: int | None = Field(description="the receiver's last HTTP status, if it answered")
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-    @field_validator("url")
-    @classmethod
-    def hide_credentials(cls, url: str) -> str:
-        # Submits refuse them now; rows from before may still have them.
-        return without_credentials(url)
-
-
-class WebhookDeliveryList(BaseModel):
-    deliveries: list[WebhookDeliveryView]
-
-
 def job_path(job_id: uuid.UUID) -> str:
     return f"/jobs/{job_id}"
 
@@ -139,8 +95,25 @@ def job_view(job: Job) -> JobView:
     )
 
 
+def report_metrics(report: dict) -> dict[str, float]:
+    """The report's numbers by dotted path: clean_accuracy.after, recovered_asr.0.before, ...
+    (stored as the job's metric rows, which ``job_result`` reads back)."""
+    metrics = {}
+
+    def walk(path: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{path}.{key}", item)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[path] = float(value)
+
+    for section in METRIC_SECTIONS:
+        walk(section, report.get(section))
+    return metrics
+
+
 def job_result(job: Job) -> JobResult:
-    """The headline numbers, from the job's metric rows (see worker/jobs.py)."""
+    """The headline numbers, from the job's metric rows (``report_metrics``)."""
     metrics = {m.name: m.value for m in job.metrics}
 
     def under(prefix: str) -> dict[str, float]:
@@ -158,13 +131,3 @@ def job_result(job: Job) -> JobResult:
         recovered_asr={str(t): under(f"recovered_asr.{t}.") for t in targets},
         timings=under("timings_s."),
     )
-
-
-def trigger_views(job_id: uuid.UUID, images: list[TriggerImage]) -> list[TriggerView]:
-    """One entry per recovered trigger (class and family), with the URLs of its pictures."""
-    views: dict[tuple[int, str], TriggerView] = {}
-    for image in images:
-        view = views.setdefault((image.class_index, image.family), TriggerView(
-            class_=image.class_index, family=image.family, score=image.score, images={}))
-        view.images[image.kind] = f"{job_path(job_id)}/triggers/{image.name}.png"
-    return list(views.values())

@@ -23,13 +23,14 @@ from datetime import timedelta
 
 import httpx
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import Sessions
 from app.core.security import WEBHOOK_SECRET_PREFIX
-from app.models import DeliveryStatus, Job, Tenant, WebhookDelivery, utcnow
-from app.schemas import job_view
-from app.webhook_urls import UnsafeWebhookUrl, check_webhook_url, without_credentials
+from app.core.models import DeliveryStatus, Job, Tenant, WebhookDelivery, utcnow
+from app.core.job_views import job_view
+from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def queue_webhook(session: Session, job_id: uuid.UUID) -> None:
                                 payload=json.dumps(event, separators=(",", ":"))))
 
 
-def deliver_due(sessions: sessionmaker[Session], settings: Settings, job_id: uuid.UUID | None = None) -> int:
+def deliver_due(sessions: Sessions, settings: Settings, job_id: uuid.UUID | None = None) -> int:
     """Attempts the pending deliveries that are due (only the job's, if given); returns how many
     were attempted. Several workers may call this at once: each attempt claims its row first."""
     query = (select(WebhookDelivery.id).where(WebhookDelivery.status == DeliveryStatus.pending,
@@ -74,7 +75,7 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, job_id: uui
     return sum(attempt_delivery(sessions, settings, delivery_id) for delivery_id in due)
 
 
-def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, delivery_id: int) -> bool:
+def attempt_delivery(sessions: Sessions, settings: Settings, delivery_id: int) -> bool:
     """Claims the delivery (pushing its next_attempt_at past this attempt), POSTs it and records
     the outcome; False if another worker claimed it first."""
     now = utcnow()
