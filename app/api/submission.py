@@ -12,12 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.problems import Problem, describe_validation_errors
-from app.api.uploads import MODEL_SUFFIXES, JobForm, model_format, samples_suffix
+from app.api.uploads import JobForm, model_format, samples_suffix
 from app.core.config import Settings
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
 from app.core.storage import ArtifactStore
 from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
 from worker.sanitize.config import ARCHITECTURE_NAMES, SanitizeConfig
+from worker.sanitize.formats import MODEL_SUFFIXES
 
 # Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.
 QUOTA_RETRY_AFTER_S = 60

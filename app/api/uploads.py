@@ -1,13 +1,12 @@
 """Receiving a job's files: the multipart body is parsed as it streams in, each file goes chunk by
 chunk into a staged file of the artifact store, and the files are then checked by their bytes.
 
-The checks look at structure only (magic bytes, zip member names, the safetensors header). No
-model is ever deserialized here: loading, with ``weights_only=True``, happens in the worker.
+The checks look at structure only (magic bytes, zip member names, the safetensors header), by
+the rules of worker/sanitize/formats.py, which the worker's loader applies too. No model is ever
+deserialized here: loading, with ``weights_only=True``, happens in the worker.
 """
 
-import json
 import re
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -17,11 +16,12 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from worker.sanitize.errors import InputError
-from worker.sanitize.sample_sizes import check_zip_directory, inspect_samples
-
 from app.api.problems import Problem
 from app.core.storage import ArtifactStore, StagedFile
+from worker.sanitize import formats
+from worker.sanitize.errors import InputError
+from worker.sanitize.formats import HEAD_BYTES, MODEL_HELP, SAMPLES_HELP, is_zip, may_be_model
+from worker.sanitize.sample_sizes import inspect_samples
 
 MAX_CONFIG_BYTES = 64 * 1024
 # The headers of one part (Content-Disposition, Content-Type): a few hundred bytes in practice;
@@ -29,14 +29,6 @@ MAX_CONFIG_BYTES = 64 * 1024
 MAX_PART_HEADER_BYTES = 16 * 1024
 # RFC 2046, section 5.1.1: 1 to 70 characters from this set.
 BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
-HEAD_BYTES = 16
-ZIP_HEADS = (b"PK\x03\x04", b"PK\x05\x06")  # an archive with members, an empty archive
-# pickle.dumps(torch's magic number, protocol 2): how a legacy (pre-zip) torch.save file begins.
-LEGACY_TORCH_HEAD = bytes.fromhex("80028a0a6cfc9c46f9206aa850192e")
-MODEL_SUFFIXES = {"torchscript": ".pt", "state_dict": ".pt", "safetensors": ".safetensors"}
-MODEL_HELP = ("upload a TorchScript archive (torch.jit.save), a torch.save'd state_dict or a "
-              ".safetensors file")
-SAMPLES_HELP = "upload an .npz with arrays x and y, or a .zip of class folders of PNG/JPEG images"
 
 
 @dataclass
@@ -190,78 +182,33 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
 def check_head(part: FilePart) -> None:
     """Rejects a file whose first bytes belong to no accepted format, before reading the rest."""
     if part.field == "model":
-        if not (part.head.startswith(ZIP_HEADS) or part.head.startswith(LEGACY_TORCH_HEAD)
-                or looks_like_safetensors(part.head)):
+        if not may_be_model(part.head):
             raise Problem(415, f"{part.filename} is not a model file: {MODEL_HELP}")
-    elif not part.head.startswith(ZIP_HEADS):
+    elif not is_zip(part.head):
         raise Problem(415, f"{part.filename} is not a sample set: {SAMPLES_HELP}")
 
 
-def looks_like_safetensors(head: bytes) -> bool:
-    # An 8-byte little-endian header length, then the JSON header.
-    return len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < 100 * 1024**2
-
-
 def model_format(path: Path, filename: str) -> str:
-    """torchscript | state_dict | safetensors, from the file's structure; 422 if it is broken."""
-    with open(path, "rb") as f:
-        head = f.read(HEAD_BYTES)
-    if head.startswith(LEGACY_TORCH_HEAD):
-        return "state_dict"
-    if looks_like_safetensors(head):
-        check_safetensors(path, filename)
-        return "safetensors"
-    names = zip_names(path, filename)
-    # torch.jit.save archives have code/ and constants.pkl; torch.save archives only data.pkl.
-    if any("/code/" in name or name.endswith("constants.pkl") for name in names):
-        return "torchscript"
-    if any(name.endswith("data.pkl") for name in names):
-        return "state_dict"
-    raise Problem(422, f"{filename} is a zip but neither a TorchScript archive nor a torch.save "
-                       f"file; {MODEL_HELP}")
-
-
-def check_safetensors(path: Path, filename: str) -> None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        try:
-            header = json.loads(f.read(header_len)) if header_len <= size - 8 else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        raise Problem(422, f"{filename} has a broken safetensors header (truncated upload?)")
+    """torchscript | state_dict | safetensors (worker/sanitize/formats.py); 422 if it is broken."""
     try:
-        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise Problem(422, f"{filename} has a broken safetensors header") from None
-    if 8 + header_len + max(ends, default=0) != size:
-        raise Problem(422, f"{filename} is {size} bytes, but its safetensors header describes "
-                           f"{8 + header_len + max(ends, default=0)}: the upload is truncated or padded")
+        return formats.model_format(path, filename)
+    except InputError as e:
+        raise Problem(422, str(e)) from None
 
 
 def samples_suffix(path: Path, filename: str) -> str:
     """.npz (arrays x and y) or .zip (class folders of images); 422 if it is neither, or breaks
     the worker's limits on decoded size (checked from the headers: nothing is decoded here)."""
-    zip_names(path, filename)  # a broken zip is answered as such
+    try:
+        formats.zip_names(path, filename)  # a broken zip is answered as such
+    except InputError as e:
+        raise Problem(422, str(e)) from None
     try:
         with zipfile.ZipFile(path) as archive:
             layout = inspect_samples(archive)
     except InputError as e:
         raise Problem(422, f"{filename}: {e}; {SAMPLES_HELP}") from None
     return ".npz" if layout.kind == "npz" else ".zip"
-
-
-def zip_names(path: Path, filename: str) -> list[str]:
-    try:
-        check_zip_directory(path, filename)  # before zipfile reads the directory into memory
-    except InputError as e:
-        raise Problem(422, str(e)) from None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        raise Problem(422, f"{filename} is not a complete zip archive (truncated upload?)") from None
 
 
 def format_bytes(n: int) -> str:

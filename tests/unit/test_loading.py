@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from worker.sanitize.architectures import ARCHITECTURES, build_model
 from worker.sanitize.config import ARCHITECTURE_NAMES
 from worker.sanitize.errors import InputError
-from worker.sanitize.loading import load_model, load_samples, model_format, save_model
+from worker.sanitize.formats import model_format
+from worker.sanitize.loading import load_model, load_samples, save_model
 
 CPU = torch.device("cpu")
 

@@ -1,14 +1,9 @@
 """Reading and writing user models and clean sample sets, without ever unpickling arbitrary bytes.
-
-Model formats (told apart by their bytes, not their names):
-- "torchscript": a ``torch.jit.save`` archive, the user's own architecture;
-- "state_dict": a ``torch.save``d dict of tensors, read with ``weights_only=True``;
-- "safetensors".
-The last two need a built-in architecture (see architectures.py).
+Which files are accepted, and as which format, is formats.py's; a state_dict is read with
+``weights_only=True``, and a TorchScript archive is checked (operations.py) before it runs.
 """
 
 import pickle
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,55 +14,18 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from .architectures import ARCHITECTURES, build_model
+from .architectures import build_model
+from .config import ARCHITECTURE_NAMES
 from .errors import InputError, first_line
-from .sample_sizes import (DAMAGED_ZIP, SampleLayout, check_zip_directory, image_members,
-                           inspect_samples, open_image)
+from .formats import is_zip, model_format, read_head
 from .operations import check_archive, check_operations
-
-
-
-def sniff_model_format(head: bytes, zip_names: list[str] | None) -> str | None:
-    """Which model format these leading bytes (and zip member names, for zips) belong to."""
-    if zip_names is not None:
-        if any("/code/" in name or name.endswith("constants.pkl") for name in zip_names):
-            return "torchscript"
-        if any(name.endswith("data.pkl") for name in zip_names):
-            return "state_dict"
-        return None
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < 100 * 1024**2 and head[8:9] == b"{":
-            return "safetensors"
-    if head[:2] == b"\x80\x02":  # legacy (pre-zip) torch.save, still readable with weights_only
-        return "state_dict"
-    return None
-
-
-def model_format(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if zipfile.is_zipfile(path):
-            check_zip_directory(path, path.name)  # before zipfile reads a directory of any size
-        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else None
-    except (OSError, zipfile.BadZipFile) as e:
-        raise InputError(f"cannot read the model file {path.name}: {e}") from e
-    kind = sniff_model_format(head, names)
-    if kind is None:
-        raise InputError(
-            f"{path.name} is not a TorchScript archive, a torch.save'd state_dict or a "
-            "safetensors file; export the model with torch.jit.save(torch.jit.script(model), path) "
-            "or save its state_dict"
-        )
-    return kind
+from .sample_sizes import DAMAGED_ZIP, SampleLayout, check_zip_directory, image_members, inspect_samples, open_image
 
 
 @dataclass
 class LoadedModel:
     module: nn.Module
-    format: str  # torchscript | state_dict | safetensors
-    arch: str | None
+    format: str  # torchscript | state_dict | safetensors (formats.py)
 
 
 def load_model(path: Path, arch: str | None, num_classes: int | None, in_channels: int,
@@ -80,13 +38,13 @@ def load_model(path: Path, arch: str | None, num_classes: int | None, in_channel
         except Exception as e:  # torch raises a zoo of RuntimeErrors for broken archives
             raise InputError(f"cannot load the TorchScript archive {path.name}: {first_line(e)}") from e
         check_operations(module)  # before it ever runs
-        return LoadedModel(module, kind, None)
+        return LoadedModel(module, kind)
 
     state = read_state_dict(path, kind)
     if arch is None:
         raise InputError(
             f"{path.name} holds bare weights; name their architecture with --arch "
-            f"(one of: {', '.join(sorted(ARCHITECTURES))}) or upload a TorchScript archive"
+            f"(one of: {', '.join(ARCHITECTURE_NAMES)}) or upload a TorchScript archive"
         )
     if num_classes is None:
         num_classes = infer_num_classes(state)
@@ -101,7 +59,7 @@ def load_model(path: Path, arch: str | None, num_classes: int | None, in_channel
             f"the weights in {path.name} do not fit architecture {arch!r} with {num_classes} "
             f"classes and {in_channels} input channels: {first_line(e, 300)}"
         ) from e
-    return LoadedModel(module.to(device), kind, arch)
+    return LoadedModel(module.to(device), kind)
 
 
 def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -156,7 +114,7 @@ class Samples:
 def load_samples(path: Path, class_names: list[str] | None = None) -> Samples:
     if not path.exists():
         raise InputError(f"sample file {path} does not exist")
-    if not zipfile.is_zipfile(path):
+    if not is_zip(read_head(path)):
         raise InputError(
             f"{path.name} is neither an .npz (arrays x and y) nor a .zip of class folders of images"
         )
