@@ -1,6 +1,6 @@
 """Runs jobs: ``run_job`` runs one queued job by id (what the Celery task calls, see
 worker/celery_worker.py); ``work`` polls the database for queued jobs (the worker of the embedded
-mode, and `baerase worker` without a broker).
+mode, and `baerase worker` without a broker, started by ``serve_polling``).
 
 Each job is claimed first, and every write about it goes through app/core/lifecycle.py. While it
 runs, a heartbeat thread stamps the job's row; the engine's progress and cancellation checks are
@@ -10,6 +10,9 @@ turns how that ended into the job's final state. It imports no torch.
 """
 
 import logging
+import os
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -20,11 +23,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.core import lifecycle
 from app.core.config import Settings
-from app.core.db import UNAVAILABLE, Sessions, retry_while_unavailable
+from app.core.db import UNAVAILABLE, Sessions, make_engine, make_sessions, retry_while_unavailable
 from app.core.lifecycle import Claim
 from app.core.logging_setup import job_context
 from app.core.models import JobStatus, utcnow
-from app.core.storage import ArtifactStore
+from app.core.storage import ArtifactStore, LocalArtifactStore
 from app.core.webhooks import deliver_due
 from worker.sandbox import (Limits, ResourceLimitExceeded, SandboxError, TimeLimitExceeded,
                             run_sanitize_sandboxed)
@@ -41,6 +44,18 @@ DB_INTERVAL_S = 1.0
 class ClaimLost(Cancelled):
     """The job was given to another worker (the sweeper found our heartbeat stale): stop without
     writing anything. A Cancelled, so that it stops the engine the same way."""
+
+
+def serve_polling(settings: Settings, device: str | None) -> None:
+    """`baerase worker` without a broker: ``work`` until SIGTERM or Ctrl-C, which put a running
+    job back in the queue. ``device``: a CUDA_VISIBLE_DEVICES value to pin the engine to."""
+    if device is not None:  # before the engine is imported: CUDA reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds like Ctrl-C: requeue, stop
+    try:
+        work(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir), settings)
+    except KeyboardInterrupt:
+        pass
 
 
 def work(sessions: Sessions, store: ArtifactStore, settings: Settings) -> None:

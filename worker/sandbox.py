@@ -3,7 +3,7 @@ untrusted code, in a child process that can read only the job's inputs and the P
 installation, write only its output directory (and a scratch directory of its own), open no
 socket, signal or trace no process outside it, and sees none of the parent's environment; with
 CPU-time, memory and wall-time limits. The service's workers (worker/runner.py) and
-`baerase sanitize` (app/cli.py) both run the engine through ``run_sanitize_sandboxed``.
+`baerase sanitize` (app/cli/local.py) both run the engine through ``run_sanitize_sandboxed``.
 
 How: the parent starts a fresh interpreter and sends it the job as JSON on its stdin. The child
 confines itself (worker/confine.py) before it imports torch, runs the engine, and answers with
@@ -128,6 +128,23 @@ def probe() -> confine.Confinement:
             if "confinement" in message:
                 return confine.Confinement(**message["confinement"])
     raise SandboxError("the sandbox probe ended without an answer")
+
+
+def confinement_ready(required: bool) -> bool:
+    """Says in the log how the engine will be confined on this machine (a worker's start-up);
+    False when it cannot be confined fully and ``required`` (BAERASE_SANDBOX_REQUIRED) says it must."""
+    confinement = probe()
+    if confinement.complete:
+        log.info("engine sandbox: %s", confinement.describe())
+        return True
+    if required:
+        log.error("cannot confine the engine fully on this machine (%s). See docs/deploy.md, \"Sandbox\"; "
+                  "BAERASE_SANDBOX_REQUIRED=false runs uploaded models anyway, less confined",
+                  confinement.describe())
+        return False
+    log.warning("the engine runs with an incomplete sandbox: %s (see docs/deploy.md, \"Sandbox\")",
+                confinement.describe())
+    return True
 
 
 def run_child(job: dict, scratch: Path, limits: Limits, check_cancel: Callable[[], None] | None):
