@@ -1,3 +1,5 @@
+"""The /ui pages and the server-rendered fragments their script fetches (see app/ui/__init__.py)."""
+
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response

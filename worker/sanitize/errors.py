@@ -1,3 +1,5 @@
+"""The engine's errors that callers act on: bad input (the user can fix it) and cancellation."""
+
 class InputError(ValueError):
     """The user's model, samples or config cannot be used; the message says what to fix."""
 

@@ -1,3 +1,6 @@
+"""`/healthz` (the process is alive) and `/readyz` (the database, at the code's schema, and the
+broker can be used)."""
+
 from fastapi import APIRouter, Request
 from kombu import Connection
 from sqlalchemy.exc import SQLAlchemyError

@@ -1,3 +1,6 @@
+"""The `/jobs` routes: submit, list, read (with a short cache for pollers), cancel, delete, and a
+succeeded job's model, triggers and report. docs/api.md documents them."""
+
 import asyncio
 import base64
 from collections.abc import Callable

@@ -1,3 +1,5 @@
+"""`GET /metrics`: Prometheus text, computed from the database at scrape time (app/core/metrics.py)."""
+
 from fastapi import APIRouter, Request, Response
 
 from app.core.metrics import render

@@ -1,3 +1,5 @@
+"""The tenant's webhook signing secret, and the deliveries of a job's webhook (app/core/webhooks.py)."""
+
 from fastapi import APIRouter
 from sqlalchemy import select
 
