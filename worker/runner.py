@@ -1,6 +1,6 @@
 """Runs jobs: ``run_job`` runs one queued job by id (what the Celery task calls, see
-worker/celery_worker.py); ``work`` polls the database for queued jobs (the worker of the embedded
-mode, and `baerase worker` without a broker, started by ``serve_polling``).
+worker/celery_worker.py); ``run_queued_jobs`` polls the database for queued jobs (the worker of
+the embedded mode, and `baerase worker` without a broker, started by ``serve_polling``).
 
 Each job is claimed first, and every write about it goes through app/core/lifecycle.py. While it
 runs, a heartbeat thread stamps the job's row; the engine's progress and cancellation checks are
@@ -47,18 +47,19 @@ class ClaimLost(Cancelled):
 
 
 def serve_polling(settings: Settings, device: str | None) -> None:
-    """`baerase worker` without a broker: ``work`` until SIGTERM or Ctrl-C, which put a running
-    job back in the queue. ``device``: a CUDA_VISIBLE_DEVICES value to pin the engine to."""
+    """`baerase worker` without a broker: ``run_queued_jobs`` until SIGTERM or Ctrl-C, which put a
+    running job back in the queue. ``device``: a CUDA_VISIBLE_DEVICES value to pin the engine to."""
     if device is not None:  # before the engine is imported: CUDA reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds like Ctrl-C: requeue, stop
     try:
-        work(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir), settings)
+        run_queued_jobs(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir),
+                        settings)
     except KeyboardInterrupt:
         pass
 
 
-def work(sessions: Sessions, store: ArtifactStore, settings: Settings) -> None:
+def run_queued_jobs(sessions: Sessions, store: ArtifactStore, settings: Settings) -> None:
     """Runs queued jobs, oldest first, until interrupted, and sweeps now and then; any number of
     workers may share a database, since each job is claimed by an atomic update."""
     from worker.sweeper import try_sweep

@@ -121,7 +121,7 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
         staged.discard()
     scores = {(s["class"], s["family"]): s["log_ratio"] for s in report["class_scores"]}
 
-    def record() -> bool:
+    def write_outcome() -> bool:
         with sessions() as session:
             # The state first: on PostgreSQL this locks the row, so the sweeper cannot requeue
             # the job between this check and the commit (SQLite locks the whole database).
@@ -148,7 +148,7 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
             return True
 
     try:
-        recorded = retry_while_unavailable(f"storing the results of job {job_id}", record, settings.db_retry_s)
+        recorded = retry_while_unavailable(f"storing the results of job {job_id}", write_outcome, settings.db_retry_s)
     except BaseException:
         store.delete_prefix(stored.key)
         raise
@@ -162,7 +162,7 @@ def finish(sessions: Sessions, settings: Settings, job_claim: Claim, status: Job
            error_code: str | None = None, error_message: str | None = None) -> JobStatus | None:
     """Records a final state without results (failed, cancelled), and its webhook (None: the
     claim was lost). Retried while the database is briefly unreachable."""
-    def record() -> bool:
+    def write_outcome() -> bool:
         with sessions() as session:
             finished = session.execute(update(Job).where(*job_claim.holds()).values(
                 status=status, finished_at=utcnow(), error_code=error_code, error_message=error_message))
@@ -172,7 +172,7 @@ def finish(sessions: Sessions, settings: Settings, job_claim: Claim, status: Job
             session.commit()
             return True
 
-    recorded = retry_while_unavailable(f"marking job {job_claim.job_id} {status.value}", record, settings.db_retry_s)
+    recorded = retry_while_unavailable(f"marking job {job_claim.job_id} {status.value}", write_outcome, settings.db_retry_s)
     return status if recorded else None
 
 
