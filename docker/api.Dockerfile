@@ -1,7 +1,8 @@
 # The API image: `baerase serve`, `baerase db upgrade`, `baerase keys create`. No torch, no CUDA:
 # the API stores uploads and reads results, it never loads a model (see app/main.py). The pins
-# below are the project's dependencies (pyproject.toml) minus the engine's (torch, numpy, pillow,
-# safetensors); tests/deploy/test_docker_files.py checks that they agree with pyproject.toml.
+# below are the project's dependencies (pyproject.toml) minus the engine's (torch, safetensors);
+# numpy and pillow stay: the upload checks read .npy headers and image sizes before a job is queued
+# (worker/sanitize/sample_sizes.py). tests/deploy/test_docker_files.py checks them against pyproject.toml.
 # Build from the repository root: docker build -f docker/api.Dockerfile -t baerase-api .
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
@@ -9,6 +10,8 @@ FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN pip install \
+        "numpy==2.4.6" \
+        "pillow==13.0.0" \
         "pydantic==2.13.4" \
         "pydantic-settings==2.14.1" \
         "tqdm==4.70.1" \

@@ -20,8 +20,9 @@ from app.core.config import Settings
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"api": REPO / "docker" / "api.Dockerfile", "worker": REPO / "docker" / "worker.Dockerfile"}
-# Dependencies only the engine needs: the API image goes without them (no torch, no CUDA).
-ENGINE_ONLY = {"torch", "numpy", "pillow", "safetensors"}
+# Dependencies only the engine needs: the API image goes without them (no torch, no CUDA). numpy
+# and pillow are not among them: the API's upload checks read array headers and image sizes.
+ENGINE_ONLY = {"torch", "safetensors"}
 # Variables of docker-compose.yml itself, not settings of the service.
 DEPLOYMENT_ONLY = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "BAERASE_API_PORT",
                    "BAERASE_API_IMAGE", "BAERASE_WORKER_IMAGE", "BAERASE_WORKER_GPUS"}
