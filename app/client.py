@@ -124,7 +124,7 @@ class Job:
 class Trigger:
     class_index: int  # the class the trigger flips inputs to
     family: str  # patch | mask
-    score: float | None  # the class's log ratio (higher: more suspicious)
+    score: float | None  # the class's detection score (higher: more suspicious)
     images: dict[str, str]  # picture kind (mask, pattern, stamped) -> URL path of the PNG
 
 

@@ -5,6 +5,7 @@ evaluation part.
 
     baerase bench --suite population --train [--limit N]   # train (and cache) the models
     baerase bench --suite population --calibrate           # fit worker/sanitize/calibration.json
+    baerase bench --suite population --detect              # detection alone: ROC-AUC on the evaluation models
     baerase bench --suite population --evaluate            # the engine on the evaluation models
 
 - Backdoored half: BadNets squares of 2-5 px at corner, edge and centre in white, black and random
@@ -192,37 +193,72 @@ def sanitize_victim(victim: Victim, data: Split, cache: Path, calibration=None) 
             "epoch_seconds": epoch_s, "report": report}
 
 
+def detection_scores(victim: Victim, datasets: dict[str, Split], cache: Path) -> dict:
+    """Detection alone on one victim (a calibration that flags nothing, so nothing is unlearnt):
+    its class scores and cost, cached."""
+    from worker.sanitize.detection import Calibration
+
+    path = cache / "population" / "scores" / f"{victim.key}.json"
+    if not path.exists():
+        if victim.dataset not in datasets:
+            datasets[victim.dataset] = load_dataset(victim.dataset, cache)
+        print(f"detecting on {victim.key}...", flush=True)
+        row = sanitize_victim(victim, datasets[victim.dataset], cache, Calibration.scores_only())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"class_scores": row["report"]["class_scores"], "cost": row["cost"],
+                                    "seconds": row["report"]["timings_s"]["total"], "before": row["before"]}))
+    return json.loads(path.read_text())
+
+
+def trained(limit: int | None, calibration: bool, cache: Path) -> list[Victim]:
+    return [v for v in POPULATION[:limit] if v.calibration == calibration
+            and (cache / "population" / "models" / f"{v.key}.pt").exists()]
+
+
 def collect_scores(cache: Path, limit: int | None = None) -> Path:
-    """Runs detection alone (nothing flagged) on every trained calibration model and fits the
-    calibration from their log ratios; writes worker/sanitize/calibration.json."""
+    """Runs detection alone on every trained calibration model and fits the calibration from
+    their scores; writes worker/sanitize/calibration.json."""
     from worker.sanitize.detection import CALIBRATION_FILE, Calibration
 
-    ratios, models = [], []
-    for victim in [v for v in POPULATION[:limit] if v.calibration]:
-        path = cache / "population" / "models" / f"{victim.key}.pt"
-        if not path.exists():
-            continue
-        scores_path = cache / "population" / "calibration" / f"{victim.key}.json"
-        if not scores_path.exists():
-            print(f"scoring {victim.key}...", flush=True)
-            row = sanitize_victim(victim, load_dataset(victim.dataset, cache), cache, Calibration.scores_only())
-            scores_path.parent.mkdir(parents=True, exist_ok=True)
-            scores_path.write_text(json.dumps(row["report"]["class_scores"]))
-        ratios += [s["log_ratio"] for s in json.loads(scores_path.read_text())]
-        models.append(victim.key)
-    calibration = Calibration.fit(ratios, len(models), "bench/population.py calibration models: " + ", ".join(models))
+    victims, datasets = trained(limit, True, cache), {}
+    scores = [s["score"] for v in victims for s in detection_scores(v, datasets, cache)["class_scores"]]
+    calibration = Calibration.fit(scores, len(victims), "bench/population.py calibration models: "
+                                  + ", ".join(v.key for v in victims))
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
-    print(f"calibration from {len(models)} clean models: mean {calibration.mean:.3f}, std {calibration.std:.3f}")
+    print(f"calibration from {len(victims)} clean models: mean {calibration.mean:.3f}, std {calibration.std:.3f}")
     return CALIBRATION_FILE
+
+
+def detection_summary(cache: Path, limit: int | None = None) -> str:
+    """Detection alone on every trained evaluation model, judged by the current calibration: a
+    Markdown table of each model's most suspicious class and the ROC-AUC of backdoor_probability."""
+    from worker.sanitize.config import DetectionConfig
+    from worker.sanitize.detection import Calibration
+
+    calibration, flag = Calibration.load(), DetectionConfig().flag_probability
+    lines = ["| model | targets | top class (family) | score | backdoor_probability | cost (clean epochs) | s |",
+             "|---|---|---|---|---|---|---|"]
+    rows, datasets = [], {}
+    for victim in trained(limit, False, cache):
+        result = detection_scores(victim, datasets, cache)
+        scores = result["class_scores"]
+        top = max(scores, key=lambda s: s["score"])
+        probability = calibration.probability(top["score"], len(scores))
+        targets = victim.options.get("targets", (victim.options["target"],) if victim.attack else ())
+        mark = "" if not targets else (" (target)" if top["class"] in targets else " (not a target)")
+        lines.append(f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "
+                     f"{top['score']:.2f} | {probability:.3f}{' flagged' if probability >= flag else ''} | "
+                     f"{result['cost']:.1f} | {result['seconds']:.0f} |")
+        rows.append({"backdoored": victim.attack is not None, "before": result["before"],
+                     "report": {"backdoor_probability": probability}})
+    return "\n".join(lines + ["", roc_auc_line(rows)])
 
 
 def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> list[dict]:
     """The engine on every trained evaluation model (cached per model)."""
     rows = []
     datasets: dict[str, Split] = {}
-    for victim in [v for v in POPULATION[:limit] if not v.calibration]:
-        if not (cache / "population" / "models" / f"{victim.key}.pt").exists():
-            continue
+    for victim in trained(limit, False, cache):
         result_path = cache / "population" / "results" / f"{victim.key}.json"
         if fresh or not result_path.exists():
             if victim.dataset not in datasets:
@@ -249,14 +285,18 @@ def summary(rows: list[dict]) -> str:
         asr = "-" if b["asr"] is None else f"{b['asr']:.1%} -> {a['asr']:.1%}"
         lines.append(f"| {row['key']} | {r['verdict']} | {r['backdoor_probability']:.3f} | "
                      f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {row['cost']:.1f} | {r['timings_s']['total']:.0f} |")
+    return "\n".join(lines + ["", roc_auc_line(rows)])
+
+
+def roc_auc_line(rows: list[dict]) -> str:
+    """The ROC-AUC of backdoor_probability over the models whose attack implanted (ASR >= 50%
+    before) against the clean ones."""
     positives = [r["report"]["backdoor_probability"] for r in rows if r["backdoored"] and r["before"]["asr"] >= 0.5]
     negatives = [r["report"]["backdoor_probability"] for r in rows if not r["backdoored"]]
     pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
     auc = f"{sum(pairs) / len(pairs):.3f}" if pairs else "n/a"
-    lines.append("")
-    lines.append(f"Detection ROC-AUC of backdoor_probability: {auc} ({len(positives)} backdoored, "
-                 f"{len(negatives)} clean evaluation models)")
-    return "\n".join(lines)
+    return (f"Detection ROC-AUC of backdoor_probability: {auc} ({len(positives)} backdoored, "
+            f"{len(negatives)} clean evaluation models)")
 
 
 def main(argv: list[str]) -> int:
@@ -265,6 +305,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baerase bench --suite population", description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the models not cached yet")
     parser.add_argument("--calibrate", action="store_true", help="fit the calibration from the clean calibration models")
+    parser.add_argument("--detect", action="store_true", help="detection alone on every trained evaluation "
+                        "model: each one's most suspicious class and the ROC-AUC")
     parser.add_argument("--evaluate", action="store_true", help="run the engine on every trained evaluation model")
     parser.add_argument("--fresh", action="store_true", help="recompute cached evaluation results")
     parser.add_argument("--limit", type=int, help="only the first N models of the population")
@@ -274,8 +316,10 @@ def main(argv: list[str]) -> int:
         train_all(args.cache, args.limit)
     if args.calibrate:
         collect_scores(args.cache, args.limit)
+    if args.detect:
+        print(detection_summary(args.cache, args.limit))
     if args.evaluate:
         print(summary(evaluate_all(args.cache, args.limit, args.fresh)))
-    if not (args.train or args.calibrate or args.evaluate):
+    if not (args.train or args.calibrate or args.detect or args.evaluate):
         parser.print_help()
     return 0

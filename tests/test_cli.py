@@ -24,7 +24,7 @@ def test_backdoor_is_found_and_erased(backdoored_case, tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "report.json").read_text())
     assert 0 in report["detected_targets"] and report["backdoor_detected"] is True
-    assert set(report["timings_s"]) == {"validate", "recovery", "unlearning", "verification", "total"}
+    assert set(report["timings_s"]) == {"validate", "reference", "recovery", "unlearning", "verification", "total"}
     assert report["verdict"] == "removed"
     assert report["recovered_asr"]["0"]["after"] <= 0.05
     pngs = sorted(p.name for p in (out / "triggers").glob("*.png"))

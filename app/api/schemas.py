@@ -18,8 +18,9 @@ class JobPage(BaseModel):
 class TriggerView(BaseModel):
     class_: int = Field(serialization_alias="class", description="the class the trigger flips inputs to")
     family: str = Field(description="patch | mask")
-    score: float | None = Field(description="log ratio of the class: how much smaller its trigger "
-                                            "is than the median class's (higher: more suspicious)")
+    score: float | None = Field(description="the class's detection score: how much smaller its "
+                                            "trigger is than the median class's, in log units, less "
+                                            "what a reference model shares (higher: more suspicious)")
     images: dict[str, str] = Field(description="picture kind (mask, pattern, stamped) -> PNG URL")
 
 

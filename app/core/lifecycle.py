@@ -119,7 +119,7 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
         stored = store.put(staged, f"jobs/{job_id}/sanitized_model{suffix}")
     finally:
         staged.discard()
-    scores = {(s["class"], s["family"]): s["log_ratio"] for s in report["class_scores"]}
+    scores = {(s["class"], s["family"]): s["score"] for s in report["class_scores"]}
 
     def write_outcome() -> bool:
         with sessions() as session:

@@ -151,7 +151,7 @@ class TriggerImage(Base):
     class_index: Mapped[int]
     family: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(16))
-    score: Mapped[float | None] = mapped_column(Float)  # log ratio of the trigger's class (report.json class_scores)
+    score: Mapped[float | None] = mapped_column(Float)  # score of the trigger's class (report.json class_scores)
     png: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
 
 

@@ -1,7 +1,8 @@
 """The geometry of the per-class score chart on the job page (the template draws it as SVG).
 
-One bar per class: its log ratio, how much smaller than the median class's its smallest working
-trigger is (higher is more suspicious). Flagged classes are drawn apart, and a dashed line marks
+One bar per class: its score, how much smaller than the median class's its smallest working
+trigger is (log ratio), less the part a reference model trained on the clean samples shares
+(higher is more suspicious; worker/sanitize/detection.py). Flagged classes are drawn apart, and a dashed line marks
 the flagging line of the calibration.
 """
 
@@ -46,14 +47,14 @@ class ScoreChart:
 
 
 def score_chart(class_scores: list[dict], threshold: float, class_names: list[str] | None) -> ScoreChart:
-    """``class_scores`` as in report.json (class, family, trigger_size, log_ratio, held_out_asr, flagged),
+    """``class_scores`` as in report.json (class, family, trigger_size, score, held_out_asr, flagged),
     one bar per class: its most suspicious family."""
     best: dict[int, dict] = {}
     for score in class_scores:
-        if score["class"] not in best or score["log_ratio"] > best[score["class"]]["log_ratio"]:
+        if score["class"] not in best or score["score"] > best[score["class"]]["score"]:
             best[score["class"]] = score
     class_scores = [best[c] for c in sorted(best)]
-    values = [score["log_ratio"] for score in class_scores]
+    values = [score["score"] for score in class_scores]
     top = max([threshold * 1.25, *values])
     bottom = min([0.0, *values])
     plot_height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
@@ -64,13 +65,13 @@ def score_chart(class_scores: list[dict], threshold: float, class_names: list[st
     zero_y = y_of(0.0)
     bars = []
     for i, score in enumerate(class_scores):
-        value, index = score["log_ratio"], score["class"]
+        value, index = score["score"], score["class"]
         name = class_names[index] if class_names and index < len(class_names) else str(index)
         y = min(y_of(value), zero_y)
         bars.append(Bar(
             label=name, x=MARGIN_LEFT + i * WIDTH_PER_CLASS + 6, y=y, width=WIDTH_PER_CLASS - 12,
             height=abs(y_of(value) - zero_y), value_y=y - 6, value=value, flagged=score["flagged"],
-            description=(f"class {name}: log ratio {value:.2f}, smallest working trigger "
+            description=(f"class {name}: score {value:.2f}, smallest working trigger "
                          f"({score['family']}) has size {score['trigger_size']:.3g} and "
                          f"flips {score['held_out_asr']:.0%} of held-out images"
                          + ("; flagged as a backdoor target" if score["flagged"] else ""))))

@@ -76,7 +76,7 @@ def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLRe
             "not_erased": [target for target, asr in report["recovered_asr"].items()
                            if asr["after"] > asr_threshold],
             "asr_threshold": asr_threshold,
-            "chart": score_chart(report["class_scores"], report["flag_log_ratio"],
+            "chart": score_chart(report["class_scores"], report["flag_score"],
                                  report["config"]["class_names"]),
             "triggers": trigger_views(job.id, images),
         }

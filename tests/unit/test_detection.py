@@ -1,4 +1,5 @@
-"""Detection: per-family log ratios of the smallest trigger sizes, and the calibrated probability."""
+"""Detection: per-family log ratios of the smallest trigger sizes, the discount for triggers that
+work on the reference model too, and the calibrated probability."""
 
 import math
 
@@ -48,6 +49,18 @@ def test_a_trigger_that_does_not_transfer_to_held_out_images_is_not_flagged():
     assert flagged(triggers) == []
 
 
+def test_a_trigger_that_works_on_the_reference_model_too_is_discounted():
+    # A hundred times smaller than the median class, but the reference model, which never saw
+    # poisoned data, follows it on 99% of images: a feature of the data (log 100 + log 0.01 = 0).
+    triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    triggers[3].transfer_asr = 0.99
+    natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    assert scores[3].score == pytest.approx(math.log(100)) and scores[3].flagged
+    assert natural[3].score == pytest.approx(0.0, abs=1e-6) and not natural[3].flagged
+    assert natural[3].log_ratio == scores[3].log_ratio
+
+
 def test_blend_factors_are_compared_among_themselves():
     # Class 3's blend factor is tiny among blend factors but larger than every class's mask:
     # ranked with the masks it would pass unnoticed.
@@ -63,7 +76,7 @@ def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability
     # More tests per model make the same log ratio less surprising.
     assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
     assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
-    assert math.isclose(CALIBRATION.probability(CALIBRATION.log_ratio_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
+    assert math.isclose(CALIBRATION.probability(CALIBRATION.score_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
 
 
 def test_scores_only_calibration_never_flags():

@@ -21,7 +21,7 @@ class RecoveryConfig(Strict):
     patch_size: int | None = Field(None, ge=1, le=64, description="side of the patch trigger; default ~H/9")
     screen_steps: int = Field(30, ge=1, le=5000, description="search steps every class gets")
     refine_steps: int = Field(240, ge=0, le=20000, description="further steps for the finalists")
-    finalists: int = Field(3, ge=1, le=1000, description="classes with the smallest triggers that get the refine steps")
+    finalists: int = Field(10, ge=1, le=1000, description="classes with the smallest triggers that get the refine steps")
     batch_size: int = Field(16, ge=4, le=512, description="clean images per class per search step")
     lr: float = Field(0.2, gt=0, le=10, description="Adam learning rate of the trigger parameters")
     init_penalty: float = Field(1.0, gt=0, le=1e4, description="starting weight of the size penalty")
@@ -39,7 +39,9 @@ class RecoveryConfig(Strict):
 class DetectionConfig(Strict):
     flag_probability: float = Field(0.99, gt=0, lt=1, description="calibrated probability that flags a class")
     suspicious_probability: float = Field(0.95, gt=0, lt=1, description="probability above which an unflagged model is reported suspicious")
-    min_held_out_asr: float = Field(0.75, ge=0, le=1, description="held-out ASR a flagged trigger must reach")
+    min_held_out_asr: float = Field(0.5, ge=0, le=1, description="held-out ASR a flagged trigger must reach")
+    budget_asr: float = Field(0.5, gt=0, le=1, description="held-out ASR at which a mask trigger's pixel budget is measured")
+    reference_epochs: int = Field(10, ge=1, le=200, description="epochs of the reference model trained on the clean samples")
 
 
 class UnlearningConfig(Strict):

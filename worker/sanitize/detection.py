@@ -5,16 +5,22 @@ family (each measures size on its own scale) every class gets its log ratio: the
 log trigger size minus its own (2.3 = ten times smaller than the median class). The median is
 over all classes, so two or three targets among ten still leave it to the clean classes.
 
-Why not Neural Cleanse's MAD z-score: most classes' searches stop after the first round, and the
-spread of their unconverged sizes is noise; dividing by it made the same backdoor score 2.7 on
-one model and 7.1 on another, while a clean model's natural class ("bag", 12 pixels) scored 7.5
-where every other class was alike. The log ratio is the quantity that separates, and its spread
-across clean models is what the calibration measures.
+Some classes are small by nature (Fashion-MNIST's "bag" needs about as few pixels as a weak
+BadNets square), and no size statistic tells them apart. What does is where the trigger works: a
+feature of the data also works on a reference model trained on the clean samples alone
+(reference.py), an implant does not. The score is the log ratio plus log(1 - transfer), where
+transfer is the trigger's held-out ASR on the reference: a trigger that works on the reference
+for half its images loses log 2 of its smallness.
 
-How large a log ratio a clean model shows by chance is measured, not guessed: ``calibration.json``
-holds a normal fit to the log ratios of the population's calibration models (clean models only,
-see bench/population.py). A model has K x F of them (classes x families); the chance that a clean
-model shows none above r is Phi((r - mean) / std) ^ (K F), and that number is the class's
+Why not Neural Cleanse's MAD z-score: dividing by the spread of the other classes' sizes made the
+same backdoor score 2.7 on one model and 7.1 on another, while a clean model's natural class
+scored 7.5 where every other class was alike. The spread that matters is that of clean models'
+scores, and that is what the calibration measures.
+
+How large a score a clean model shows by chance is measured, not guessed: ``calibration.json``
+holds a normal fit to the scores of the population's calibration models (clean models only, see
+bench/population.py). A model has K x F of them (classes x families); the chance that a clean
+model shows none above s is Phi((s - mean) / std) ^ (K F), and that number is the class's
 ``probability``. A class is flagged when it is above ``flag_probability`` (about 1% false
 positives per clean model at 0.99) and its trigger also works on the held-out split, not only on
 the images it was searched on.
@@ -48,27 +54,27 @@ class Calibration:
         return cls(**json.loads(path.read_text()))
 
     @classmethod
-    def fit(cls, log_ratios: list[float], models: int, source: str) -> "Calibration":
+    def fit(cls, scores: list[float], models: int, source: str) -> "Calibration":
         """A normal fit whose spread is taken from the upper half only (the root mean square of
         the values above the median): flags live in the upper tail, and a heavy upper tail must
         widen the fit rather than be averaged away by the lower half."""
-        median = statistics.median(log_ratios)
-        upper = [r - median for r in log_ratios if r > median]
+        median = statistics.median(scores)
+        upper = [r - median for r in scores if r > median]
         return cls(median, math.sqrt(statistics.fmean(d * d for d in upper)), models, source)
 
     @classmethod
     def scores_only(cls) -> "Calibration":
-        """A calibration under which nothing is ever flagged: for collecting the z-scores of the
+        """A calibration under which nothing is ever flagged: for collecting the scores of the
         calibration models themselves."""
         return cls(math.inf, 1.0, 0, "scores only")
 
-    def probability(self, log_ratio: float, tests: int) -> float:
-        """Chance that a clean model with ``tests`` log ratios shows none as high as this one."""
-        phi = 0.5 * (1 + math.erf((log_ratio - self.mean) / (self.std * math.sqrt(2))))
+    def probability(self, score: float, tests: int) -> float:
+        """Chance that a clean model with ``tests`` scores shows none as high as this one."""
+        phi = 0.5 * (1 + math.erf((score - self.mean) / (self.std * math.sqrt(2))))
         return phi ** tests
 
-    def log_ratio_for(self, probability: float, tests: int) -> float:
-        """The log ratio whose probability is ``probability`` (the flagging line of the chart)."""
+    def score_for(self, probability: float, tests: int) -> float:
+        """The score whose probability is ``probability`` (the flagging line of the chart)."""
         return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
 
 
@@ -78,6 +84,8 @@ class ClassScore:
     family: str
     size: float
     log_ratio: float  # log(median class's size / this size), in its family
+    transfer_asr: float  # held-out ASR of the same trigger on the reference model
+    score: float  # log_ratio + log(1 - transfer_asr): what the calibration judges
     asr: float  # held-out
     shifted_asr: float
     probability: float
@@ -92,21 +100,28 @@ def log_ratios(found: list[FoundTrigger]) -> list[float]:
     return [median - v for v in logs]
 
 
+def natural_discount(transfer_asr: float) -> float:
+    """log(1 - transfer): the share of a trigger's effect that a model trained on clean data
+    shares is the data's, not an implant's. The floor keeps a trigger that transfers fully finite."""
+    return math.log(max(1.0 - transfer_asr, 0.01))
+
+
 def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration,
                   cfg: DetectionConfig) -> list[ClassScore]:
-    """per_family[f][c]: class c's trigger in family f, with its held-out ASRs filled in.
-    Returns every (class, family) score, the most suspicious first."""
+    """per_family[f][c]: class c's trigger in family f, with its held-out and transfer ASRs
+    filled in. Returns every (class, family) score, the most suspicious first."""
     tests = sum(len(found) for found in per_family)
     scores = []
     for found in per_family:
         for trigger, log_ratio in zip(found, log_ratios(found)):
-            probability = calibration.probability(log_ratio, tests)
+            score = log_ratio + natural_discount(trigger.transfer_asr)
+            probability = calibration.probability(score, tests)
             scores.append(ClassScore(
-                trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.asr, trigger.shifted_asr,
-                probability,
+                trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, score,
+                trigger.asr, trigger.shifted_asr, probability,
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
             ))
-    return sorted(scores, key=lambda s: -s.log_ratio)
+    return sorted(scores, key=lambda s: -s.score)
 
 
 def backdoor_probability(scores: list[ClassScore]) -> float:

@@ -27,6 +27,7 @@ from .images import trigger_pictures
 from .loading import Samples, load_model, load_samples, save_model
 from .recovery import (FoundTrigger, RecoveredTrigger, held_out_asr, make_families, pixel_budget, search_triggers,
                        train_generator)
+from .reference import train_reference
 from .unlearning import accuracy, unlearn
 
 Progress = Callable[[str, float, str], None]
@@ -142,10 +143,10 @@ class Detection:
         return flagged
 
 
-def detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes: int, config: SanitizeConfig,
+def detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes: int, config: SanitizeConfig,
            calibration: Calibration, seed: int, on_progress: Callable[[float, str], None]) -> Detection:
     """Searches every class's smallest trigger in every family, measures the candidates on the
-    held-out split, and scores them against the calibration."""
+    held-out split and on the reference model, and scores them against the calibration."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
     per_family = []
     for i, family in enumerate(families):
@@ -156,9 +157,9 @@ def detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes: int, con
         for trigger in found:
             trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
             trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
+            trigger.transfer_asr = held_out_asr(reference, trigger, x_hold, y_hold)
             if family.name == "mask":  # what detection compares: pixels at full strength, held out
-                trigger.size, trigger.asr = pixel_budget(model, trigger, x_hold, y_hold,
-                                                         config.recovery.success_asr)
+                trigger.size = pixel_budget(model, trigger, x_hold, y_hold, config.detection.budget_asr)
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
@@ -184,7 +185,8 @@ def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold
 def score_rows(detection: Detection) -> list[dict]:
     return [{"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
              "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5),
-             "log_ratio": round(s.log_ratio, 3),
+             "log_ratio": round(s.log_ratio, 3), "transfer_asr": round(s.transfer_asr, 4),
+             "score": round(s.score, 3),
              "held_out_asr": round(s.asr, 4), "shifted_asr": round(s.shifted_asr, 4),
              "probability": round(s.probability, 4), "flagged": s.flagged}
             for s in detection.scores]
@@ -234,9 +236,16 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     accuracy_before = accuracy(model, x_report, y_report)
     timings["validate"] = time.perf_counter() - started
 
-    # 2. Recover the smallest trigger of every class and family; 3. score them.
+    # 2. Train the reference model on the clean samples alone (reference.py): what the data makes
+    # easy, it makes easy too.
     t0 = time.perf_counter()
-    detection = detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+    report_progress("recovery", 0.0, "training the reference model on the clean samples")
+    reference = train_reference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
+    timings["reference"] = time.perf_counter() - t0
+
+    # 3. Recover the smallest trigger of every class and family, and score them.
+    t0 = time.perf_counter()
+    detection = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                        config.seed, lambda f, m: report_progress("recovery", f, m))
     triggers = generators_for(model, detection, x_train, y_train, x_hold, y_hold, config, config.seed)
     timings["recovery"] = time.perf_counter() - t0
@@ -256,7 +265,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         unlearning_runs.append(result)
         t_unlearn += time.perf_counter() - t0
         t0 = time.perf_counter()
-        verification = detect(model, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+        verification = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                               config.seed + 1000 * (round_number + 1),
                               lambda f, m: report_progress("verification", f, m))
         t_verify += time.perf_counter() - t0
@@ -306,7 +315,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         "detected_targets": [t.target for t in triggers],
         "residual_targets": residual,
         "class_scores": score_rows(detection),
-        "flag_log_ratio": round(calibration.log_ratio_for(config.detection.flag_probability,
+        "flag_score": round(calibration.score_for(config.detection.flag_probability,
                                                           len(detection.scores)), 3),
         "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
         "recovered_asr": {

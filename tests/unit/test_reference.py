@@ -1,0 +1,27 @@
+"""The reference model: a small CNN trained on the clean samples alone, frozen, reproducible."""
+
+import torch
+
+from worker.sanitize.reference import train_reference
+
+
+def bright_or_dark(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.3 * torch.rand(n, 1, 10, 10, generator=g) + 0.6 * y.view(-1, 1, 1, 1)
+    return x, y
+
+
+def test_the_reference_learns_the_samples_and_comes_back_frozen():
+    x, y = bright_or_dark(200, seed=0)
+    reference = train_reference(x, y, num_classes=2, epochs=3, seed=0)
+    x_test, y_test = bright_or_dark(100, seed=1)
+    with torch.no_grad():
+        assert (reference(x_test).argmax(1) == y_test).float().mean() > 0.9
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+
+
+def test_the_same_seed_gives_the_same_reference():
+    x, y = bright_or_dark(100, seed=0)
+    first, second = (train_reference(x, y, num_classes=2, epochs=1, seed=3) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
