@@ -244,7 +244,7 @@ def detection_summary(cache: Path, limit: int | None = None) -> str:
         scores = result["class_scores"]
         top = max(scores, key=lambda s: s["score"])
         probability = calibration.probability(top["score"], len(scores))
-        targets = victim.options.get("targets", (victim.options["target"],) if victim.attack else ())
+        targets = victim.options.get("targets") or ((victim.options["target"],) if victim.attack else ())
         mark = "" if not targets else (" (target)" if top["class"] in targets else " (not a target)")
         lines.append(f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "
                      f"{top['score']:.2f} | {probability:.3f}{' flagged' if probability >= flag else ''} | "
