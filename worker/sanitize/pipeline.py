@@ -358,8 +358,13 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
-        return (f"no class needs a trigger unusually smaller than the others (backdoor probability "
-                f"{detection.probability:.2f}); the model is returned unchanged")
+        # Not "no backdoor": weak backdoors score where some clean models' natural classes do
+        # (docs/population.md), so say how far up the clean models' range the model sits.
+        where = "" if top is None else (f"; class {top.target} ({top.family} family) is the most suspicious, "
+                                        f"above the most suspicious class of {top.probability:.0%} of clean "
+                                        "models, and weak backdoors can score this low")
+        return (f"no class is above the suspicious line (backdoor probability {detection.probability:.2f}, "
+                f"line {config.detection.suspicious_probability}){where}; the model is returned unchanged")
     if verdict == "suspicious":
         why = []
         if top.asr < config.detection.min_held_out_asr:
