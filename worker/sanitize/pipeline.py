@@ -315,8 +315,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         "detected_targets": [t.target for t in triggers],
         "residual_targets": residual,
         "class_scores": score_rows(detection),
-        "flag_score": round(calibration.score_for(config.detection.flag_probability,
-                                                          len(detection.scores)), 3),
+        "flag_score": round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
         "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
         "recovered_asr": {
             str(t.target): {"before": first.before.recovered_asr[t.target],
