@@ -21,12 +21,35 @@ A family maps an unconstrained parameter vector per trigger to a stamped image a
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .config import RecoveryConfig
+
+
+class Family(Protocol):
+    """What every trigger family provides: ``dim`` unconstrained parameters per trigger, how they
+    stamp a batch of images, and how large the trigger is on the family's own scale."""
+
+    name: str
+    scale: str  # what size measures
+    whole: float  # the size that stands for "the whole image": a search that never worked
+    dim: int
+
+    def initial(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """(k, dim) starting parameters for k searches."""
+
+    def stamp(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Images x (N, C, H, W) with the triggers raw (N, dim) applied."""
+
+    def size(self, raw: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (...): each trigger's size; the search penalises it."""
+
+    def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        """The same triggers moved by (dy, dx) pixels, where moving means anything."""
 
 
 class MaskFamily:
@@ -159,8 +182,6 @@ class PatchFamily:
     def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return raw  # lands at a random position anyway
 
-
-Family = MaskFamily | BlendFamily | WarpFamily | PatchFamily
 
 
 def default_patch_size(height: int, width: int) -> int:
