@@ -2,8 +2,8 @@
 
 One bar per class: its score, how much smaller than the median class's its smallest working
 trigger is (log ratio), less the part a reference model trained on the clean samples shares
-(higher is more suspicious; worker/sanitize/detection.py). Flagged classes are drawn apart, and a dashed line marks
-the flagging line of the calibration.
+(higher is more suspicious; worker/sanitize/detection.py). Flagged classes are drawn apart, and
+a dashed line marks the flagging line of the calibration.
 """
 
 from dataclasses import dataclass

@@ -69,6 +69,7 @@ def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLRe
             images = list(session.scalars(
                 select(TriggerImage).where(TriggerImage.job_id == job.id)
                 .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind)))
+        report = with_scores(report)
         asr_threshold = report["config"]["unlearning"]["asr_threshold"]
         context |= {
             "report": report,
@@ -82,6 +83,17 @@ def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLRe
         }
     headers = {} if job.status.finished else {"Retry-After": str(RETRY_AFTER_S)}
     return templates.TemplateResponse(request, "job.html", context, headers=headers)
+
+
+def with_scores(report: dict) -> dict:
+    """Reports stored before detection scores (no reference model) have log ratios only: their
+    page shows each log ratio as the score, so an older job's page still opens."""
+    if "flag_score" in report:
+        return report
+    return report | {
+        "flag_score": report["flag_log_ratio"],
+        "class_scores": [{"score": s["log_ratio"], "transfer_asr": None} | s for s in report["class_scores"]],
+    }
 
 
 @router.get("/static/{name}")
