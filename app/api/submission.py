@@ -17,7 +17,7 @@ from app.core.config import Settings
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
 from app.core.storage import ArtifactStore
 from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
-from worker.sanitize.config import ARCHITECTURE_NAMES, SanitizeConfig
+from worker.sanitize.config import ARCHITECTURE_HELP, SanitizeConfig
 from worker.sanitize.formats import MODEL_SUFFIXES
 
 # Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.
@@ -78,8 +78,8 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
     fmt = model_format(form.model.staged.path, form.model.filename)
     if fmt != "torchscript" and options.arch is None:
         raise Problem(422, f"{form.model.filename} holds bare weights ({fmt}); name their "
-                           f'architecture in config, e.g. {{"arch": "small_cnn"}} (built-in: '
-                           f"{', '.join(ARCHITECTURE_NAMES)}), or upload a TorchScript archive")
+                           f'architecture in config, e.g. {{"arch": "torchvision:resnet18"}} ({ARCHITECTURE_HELP}), '
+                           "or upload a TorchScript archive")
     samples_ext = samples_suffix(form.samples.staged.path, form.samples.filename)
     config = options.model_dump(mode="json", exclude={"webhook_url"})
     request_sha256 = hashlib.sha256(json.dumps(

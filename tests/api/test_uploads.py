@@ -53,6 +53,9 @@ class TestRefusedUploads:
 
     def test_zips_of_the_wrong_content_are_422(self, submit):
         assert_problem(submit(model=zip_of(**{"notes.txt": b"hi"})), 422, "neither a TorchScript")
+        exported = zip_of(**{"model/archive_format": b"pt2", "model/models/model.json": b"{}"})
+        assert_problem(submit(model=exported, model_name="model.pt2"), 422, "torch.export archive",
+                       "TorchScript")
         no_labels = io.BytesIO()
         np.savez(no_labels, x=np.zeros((4, 8, 8), np.uint8))
         assert_problem(submit(samples=no_labels.getvalue()), 422, "x and y")
@@ -61,7 +64,8 @@ class TestRefusedUploads:
     def test_bad_config_is_422(self, submit):
         assert_problem(submit(config="{seed: 0"), 422, "not valid JSON")
         assert_problem(submit(config="[1, 2]"), 422, "JSON object")
-        unknown_arch = assert_problem(submit(config={"arch": "resnet1000"}), 422, "resnet1000", "small_cnn")
+        unknown_arch = assert_problem(submit(config={"arch": "resnet1000"}), 422, "resnet1000", "small_cnn",
+                                      "torchvision:resnet18")
         assert unknown_arch["errors"][0]["loc"] == "config"
         typo = assert_problem(submit(config={"recovery": {"stepz": 5}}), 422, "config.recovery.stepz")
         assert typo["errors"] == [{"loc": "config.recovery.stepz", "msg": "Extra inputs are not permitted"}]
@@ -97,3 +101,14 @@ class TestRefusedUploads:
 
 def test_config_field_is_limited(submit):
     assert_problem(submit(config=json.dumps({"class_names": ["x" * 100] * 1000})), 413, "config")
+
+
+def test_a_wrapped_checkpoint_of_a_library_architecture_is_queued(submit, state_dict_model):
+    """The API cannot tell whether torchvision has the name (it never loads torch): the worker does."""
+    import torch
+
+    wrapped = io.BytesIO()
+    torch.save({"state_dict": torch.load(io.BytesIO(state_dict_model), weights_only=True), "epoch": 3}, wrapped)
+    response = submit(model=wrapped.getvalue(), config={"arch": "torchvision:resnet18"})
+    assert response.status_code == 202, response.text
+    assert response.json()["model_format"] == "state_dict"

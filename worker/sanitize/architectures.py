@@ -1,17 +1,20 @@
-"""Built-in architectures for state_dict / safetensors uploads: a name -> constructor registry.
+"""Architectures for state_dict / safetensors uploads: a name -> constructor registry of built-in
+ones, and torchvision's and timm's models by their own names ("torchvision:resnet18").
 
 Every constructor takes ``num_classes`` and ``in_channels`` and returns a model that maps float32
 NCHW images to (N, num_classes) logits. ResNet-18, PreAct-ResNet-18 and VGG-11 are the CIFAR forms
 (3x3 stem, no max-pool), which also run on 28x28 inputs.
 """
 
+import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import ARCHITECTURE_NAMES
+from .config import ARCHITECTURE_HELP, ARCHITECTURE_NAMES
+from .errors import InputError, first_line
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -27,10 +30,39 @@ def register(name: str):
 
 
 def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A freshly initialised model; InputError for an unknown name."""
+    library, _, library_name = name.partition(":")
+    if library in ("torchvision", "timm"):
+        return library_model(library, library_name, num_classes, in_channels)
     if name not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise KeyError(f"unknown architecture {name!r}; known: {known}")
+        raise InputError(f"unknown architecture {name!r}; give {ARCHITECTURE_HELP}")
     return ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def library_model(library: str, name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's or timm's model ``name``, untrained (nothing is downloaded), with the
+    library's parameter names, so the library's checkpoints load as they are."""
+    try:
+        module = importlib.import_module(library)
+    except Exception as e:  # not installed, or built for another torch (a RuntimeError then)
+        raise InputError(f"architecture {library}:{name} needs {library}, which this machine cannot "
+                         f"import ({first_line(e)}); install baerase[models] next to a matching "
+                         "torch, or upload the model as a TorchScript archive") from e
+    try:
+        if library == "timm":
+            return module.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        if in_channels != 3:
+            raise InputError(f"torchvision's models take 3-channel images; the samples have {in_channels}")
+        return module.models.get_model(name, weights=None, num_classes=num_classes)
+    except InputError:
+        raise
+    except Exception as e:  # each library has its own error for an unknown name or a bad argument
+        raise InputError(f"{library} cannot build {name!r} with {num_classes} classes: {first_line(e)} "
+                         f"(its models: {library_listing(library)})") from e
+
+
+def library_listing(library: str) -> str:
+    return "timm.list_models()" if library == "timm" else "torchvision.models.list_models()"
 
 
 @register("small_cnn")
@@ -130,6 +162,27 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 def small_resnet(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A narrow ResNet with BatchNorm, cheap enough to train and defend on two CPU cores."""
     return ResNet(BasicBlock, [1, 1, 1], [16, 32, 64], num_classes, in_channels)
+
+
+@register("backdoorbench:preactresnet18")
+class BackdoorBenchPreActResNet18(nn.Module):
+    """PreAct-ResNet-18 laid out as BackdoorBench's (SCLBD/BackdoorBench, models/preact_resnet.py)
+    names its parameters: conv1, layer1..layer4 of pre-activation blocks, then linear, with no
+    batch norm after the last block; its attack results' "model" state_dicts load into it."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        cin = 64
+        for i, width in enumerate((64, 128, 256, 512), start=1):
+            blocks = [PreActBlock(cin, width, 1 if i == 1 else 2), PreActBlock(width, width, 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*blocks))
+            cin = width
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 @register("vgg11")

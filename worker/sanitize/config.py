@@ -1,13 +1,25 @@
 """Settings of one sanitization run. Every field has a default that works without tuning."""
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # Built-in architectures (worker/sanitize/architectures.py builds them). Listed here too, without
-# torch, so the API can reject an unknown name before queueing a job.
-ARCHITECTURE_NAMES = ("small_cnn", "small_resnet", "resnet18", "preact_resnet18", "vgg11")
+# torch, so the API can reject an unknown name before queueing a job. backdoorbench:preactresnet18
+# has BackdoorBench's parameter names (layer1.0.bn1, linear), so its checkpoints load as they are.
+ARCHITECTURE_NAMES = ("small_cnn", "small_resnet", "resnet18", "preact_resnet18", "vgg11",
+                      "backdoorbench:preactresnet18")
+# Architectures of a model library, by the library's own name and with its own parameter names:
+# "torchvision:resnet18", "timm:resnet18". Whether the name exists, the worker finds out.
+LIBRARY_ARCHITECTURE = re.compile(r"(torchvision|timm):[A-Za-z0-9_.]{1,100}")
+ARCHITECTURE_HELP = (f"one of {', '.join(ARCHITECTURE_NAMES)}, or a torchvision or timm model by its "
+                     "library's name: torchvision:resnet18, timm:resnet18")
+
+
+def is_known_architecture(name: str) -> bool:
+    return name in ARCHITECTURE_NAMES or LIBRARY_ARCHITECTURE.fullmatch(name) is not None
 
 
 class Strict(BaseModel):
@@ -54,7 +66,8 @@ class UnlearningConfig(Strict):
 
 
 class SanitizeConfig(Strict):
-    arch: str | None = Field(None, description="built-in architecture of a state_dict upload")
+    arch: str | None = Field(None, max_length=120, description=f"architecture of a state_dict or safetensors "
+                             f"model: {ARCHITECTURE_HELP}")
     num_classes: int | None = Field(None, ge=2, le=10_000)
     mean: list[float] | None = Field(None, max_length=64, description="per-channel mean applied before the model")
     std: list[float] | None = Field(None, max_length=64, description="per-channel std applied before the model")
@@ -69,8 +82,8 @@ class SanitizeConfig(Strict):
 
     @model_validator(mode="after")
     def check_arch_and_normalization(self):
-        if self.arch is not None and self.arch not in ARCHITECTURE_NAMES:
-            raise ValueError(f"unknown arch {self.arch!r}; built-in: {', '.join(ARCHITECTURE_NAMES)}")
+        if self.arch is not None and not is_known_architecture(self.arch):
+            raise ValueError(f"unknown arch {self.arch!r}; give {ARCHITECTURE_HELP}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.std is not None and (

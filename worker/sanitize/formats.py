@@ -3,15 +3,17 @@ imports no torch, so the API's upload checks (app/api/uploads.py) and the engine
 (loading.py) apply the same rules; nothing here deserializes a model.
 
 Models: "torchscript" (a ``torch.jit.save`` archive), "state_dict" (a ``torch.save``d dict of
-tensors, zip or legacy pickle) or "safetensors"; the last two need a built-in architecture
-(config.ARCHITECTURE_NAMES). Samples: a zip, either an .npz or class folders of images
+tensors, or a checkpoint dict holding one; zip or legacy pickle) or "safetensors"; the last two
+need an architecture (config.ARCHITECTURE_HELP). ``torch.export`` archives (.pt2) are refused:
+``torch.export.load`` runs Python code and pickles from the archive (its guards, its symbolic
+shapes, weights marked use_pickle), which no check here can make safe. Samples: a zip, either an .npz or class folders of images
 (sample_sizes.py reads which, and checks their size).
 """
 
 import json
 import struct
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 from .sample_sizes import check_zip_directory
@@ -25,6 +27,9 @@ LEGACY_TORCH_HEAD = bytes.fromhex("80028a0a6cfc9c46f9206aa850192e")
 MODEL_SUFFIXES = {"torchscript": ".pt", "state_dict": ".pt", "safetensors": ".safetensors"}
 MODEL_HELP = ("upload a TorchScript archive (torch.jit.save), a torch.save'd state_dict or a "
               ".safetensors file")
+EXPORT_REFUSAL = ("is a torch.export archive (.pt2), which is refused: loading one runs Python code "
+                  "stored in it; upload the model as a TorchScript archive "
+                  "(torch.jit.save(torch.jit.script(model), path)) or save its state_dict")
 SAMPLES_HELP = "upload an .npz with arrays x and y, or a .zip of class folders of PNG/JPEG images"
 
 
@@ -65,6 +70,8 @@ def model_format(path: Path, name: str | None = None) -> str:
                          "safetensors file; export the model with torch.jit.save(torch.jit.script(model), "
                          "path) or save its state_dict")
     names = zip_names(path, name)
+    if any(PurePosixPath(member).name == "archive_format" for member in names):  # torch.export.save's marker
+        raise InputError(f"{name} {EXPORT_REFUSAL}")
     # torch.jit.save archives have code/ and constants.pkl; torch.save archives only data.pkl.
     if any("/code/" in member or member.endswith("constants.pkl") for member in names):
         return "torchscript"

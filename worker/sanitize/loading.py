@@ -10,22 +10,42 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from .architectures import build_model
-from .config import ARCHITECTURE_NAMES
+from .config import ARCHITECTURE_HELP
 from .errors import InputError, first_line
 from .formats import is_zip, model_format, read_head
 from .operations import check_archive, check_operations
 from .sample_sizes import DAMAGED_ZIP, SampleLayout, check_zip_directory, image_members, inspect_samples, open_image
 
 
+# Where training code keeps the weights inside a checkpoint dict: Lightning and most training
+# loops ("state_dict"), BackdoorBench's attack and defense results ("model"), PyTorch's tutorials.
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
+# Prefixes that wrappers put in front of every parameter name: DataParallel and
+# DistributedDataParallel ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """How a state_dict sat in its file, so the sanitized weights are written back the same way."""
+
+    container: dict | None = None  # the whole checkpoint dict, when the weights were one entry of it
+    key: str | None = None  # that entry's name
+    prefix: str = ""  # what was stripped from every parameter name
+    metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
+
+
 @dataclass
 class LoadedModel:
     module: nn.Module
     format: str  # torchscript | state_dict | safetensors (formats.py)
+    checkpoint: Checkpoint | None = None  # None for TorchScript
 
 
 def load_model(path: Path, arch: str | None, num_classes: int | None, in_channels: int,
@@ -40,18 +60,13 @@ def load_model(path: Path, arch: str | None, num_classes: int | None, in_channel
         check_operations(module)  # before it ever runs
         return LoadedModel(module, kind)
 
-    state = read_state_dict(path, kind)
+    state, checkpoint = read_state_dict(path, kind)
     if arch is None:
-        raise InputError(
-            f"{path.name} holds bare weights; name their architecture with --arch "
-            f"(one of: {', '.join(ARCHITECTURE_NAMES)}) or upload a TorchScript archive"
-        )
+        raise InputError(f"{path.name} holds bare weights; name their architecture with --arch "
+                         f"({ARCHITECTURE_HELP}) or upload a TorchScript archive")
     if num_classes is None:
         num_classes = infer_num_classes(state)
-    try:
-        module = build_model(arch, num_classes=num_classes, in_channels=in_channels)
-    except KeyError as e:
-        raise InputError(str(e.args[0])) from e
+    module = build_model(arch, num_classes=num_classes, in_channels=in_channels)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -59,31 +74,52 @@ def load_model(path: Path, arch: str | None, num_classes: int | None, in_channel
             f"the weights in {path.name} do not fit architecture {arch!r} with {num_classes} "
             f"classes and {in_channels} input channels: {first_line(e, 300)}"
         ) from e
-    return LoadedModel(module.to(device), kind)
+    return LoadedModel(module.to(device), kind, checkpoint)
 
 
-def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """The parameter name -> tensor dict of a state_dict or safetensors file, unwrapped from a
+    checkpoint dict and from wrapper prefixes, and how it was wrapped."""
+    metadata = None
     try:
         if kind == "safetensors":
-            state = load_safetensors(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+            loaded = load_safetensors(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # Not torch's text: it advises loading with weights_only=False, which would run the pickle.
         raise InputError(
-            f"cannot read weights from {path.name}: it holds pickled objects (only plain tensors "
-            "are accepted; arbitrary pickled objects are refused)"
+            f"cannot read weights from {path.name}: it holds pickled objects, which are refused (only "
+            "tensors, numbers, strings and containers of them are read); save the weights alone, "
+            "torch.save(model.state_dict(), path), or of a checkpoint that holds data sets too (such as "
+            "BackdoorBench's attack_result.pt), its weights entry: torch.save(checkpoint['model'], path)"
         ) from e
     except Exception as e:
         raise InputError(
             f"cannot read weights from {path.name}: {first_line(e)} (only plain tensors are "
             "accepted; arbitrary pickled objects are refused)"
         ) from e
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise InputError(f"{path.name} must hold a flat dict of parameter name -> tensor")
-    return state
+    checkpoint = Checkpoint(metadata=metadata)
+    state = loaded
+    if not is_tensor_dict(loaded) and isinstance(loaded, dict):
+        checkpoint.key = next((key for key in CHECKPOINT_KEYS if is_tensor_dict(loaded.get(key))), None)
+        if checkpoint.key is not None:
+            checkpoint.container, state = loaded, loaded[checkpoint.key]
+    if not is_tensor_dict(state):
+        raise InputError(f"{path.name} must hold a dict of parameter name -> tensor, or a checkpoint "
+                         f"dict with one under {' or '.join(map(repr, CHECKPOINT_KEYS))}")
+    for prefix in WRAPPER_PREFIXES:  # in this order: DataParallel wraps a compiled model, not the reverse
+        if all(name.startswith(prefix) for name in state):
+            state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+            checkpoint.prefix += prefix
+    return state, checkpoint
+
+
+def is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and len(value) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 def infer_num_classes(state: dict[str, torch.Tensor]) -> int:
@@ -94,12 +130,18 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int:
 
 
 def save_model(model: LoadedModel, path: Path) -> None:
+    """Writes the model as it came: the same format, and a state_dict under the same parameter
+    names, in the same checkpoint dict (its other entries, such as the epoch, kept as they were)."""
     if model.format == "torchscript":
         torch.jit.save(model.module, str(path))
         return
-    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    checkpoint = model.checkpoint
+    state = {checkpoint.prefix + name: tensor.detach().cpu().contiguous()
+             for name, tensor in model.module.state_dict().items()}
     if model.format == "safetensors":
-        save_safetensors(state, str(path))
+        save_safetensors(state, str(path), metadata=checkpoint.metadata)
+    elif checkpoint.container is not None:
+        torch.save({**checkpoint.container, checkpoint.key: state}, path)
     else:
         torch.save(state, path)
 
