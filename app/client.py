@@ -34,6 +34,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINISHED = ("succeeded", "failed", "cancelled")
 # A server asking for a longer pause before a retry is not waited for longer than this.
 MAX_RETRY_AFTER_S = 30.0
+# How long ``wait`` waits unless told otherwise: longer than a job takes on a CPU worker.
+DEFAULT_WAIT_S = 6 * 3600.0
 
 
 class BaeraseError(Exception):
@@ -187,11 +189,12 @@ class Client:
                 return
             params["page_token"] = page["next_page_token"]
 
-    def wait(self, job_id: str, timeout: float | None = None,
+    def wait(self, job_id: str, timeout: float | None = DEFAULT_WAIT_S,
              on_progress: Callable[[Job], None] | None = None, poll_interval_s: float | None = None) -> Job:
         """Polls until the job has finished and returns it, whatever its status. Calls
-        ``on_progress(job)`` after each poll; raises ``WaitTimeout`` after ``timeout`` seconds.
-        Polls as often as the server's Retry-After suggests, unless ``poll_interval_s`` is given."""
+        ``on_progress(job)`` after each poll; raises ``WaitTimeout`` after ``timeout`` seconds
+        (6 hours by default; None waits for ever). Polls as often as the server's Retry-After
+        suggests, unless ``poll_interval_s`` is given."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             response = self.request(lambda: self.http.get(f"/jobs/{job_id}"))

@@ -19,7 +19,6 @@ RUN pip install \
         "safetensors==0.8.0" \
         "pydantic==2.13.4" \
         "pydantic-settings==2.14.1" \
-        "tqdm==4.70.1" \
         "fastapi==0.165.0" \
         "uvicorn==0.54.0" \
         "python-multipart==0.0.34" \

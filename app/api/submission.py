@@ -17,7 +17,8 @@ from app.core.config import Settings
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
 from app.core.storage import ArtifactStore
 from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
-from worker.sanitize.config import ARCHITECTURE_HELP, SanitizeConfig
+from worker.sanitize.architecture_names import ARCHITECTURE_HELP
+from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.formats import MODEL_SUFFIXES
 
 # Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.

@@ -8,10 +8,18 @@ import argparse
 import sys
 
 from app.cli import local, remote, service
+from app.cli.common import fail
+from worker.sanitize import __version__
+
+# The extra of pyproject.toml each command needs beyond the client's httpx; the client's own
+# commands (submit, status, download, cancel, jobs) need none.
+EXTRA_OF_COMMAND = {"sanitize": "worker", "worker": "worker", "serve": "service", "db": "service",
+                    "keys": "service", "bench": "bench"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baerase", description="Find and erase backdoors in image classifiers.")
+    parser.add_argument("--version", action="version", version=f"baerase {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     local.add_commands(commands)
     service.add_commands(commands)
@@ -24,9 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from bench.run import main as bench
+    command = argv[0] if argv else None
+    try:
+        if command == "bench":
+            from bench.run import main as bench
 
-        return bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+            return bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except ModuleNotFoundError as e:
+        if command not in EXTRA_OF_COMMAND:
+            raise
+        return fail(f"`baerase {command}` needs {e.name}, which this installation lacks: "
+                    f"pip install 'baerase[{EXTRA_OF_COMMAND[command]}]'")

@@ -7,19 +7,29 @@ import logging
 import sys
 from pathlib import Path
 
-from app.cli.common import fail, progress_bar, read_config, show_progress
+from app.cli.common import ProgressBar, describe_outcome, fail, read_config
+from worker.sanitize.architecture_names import ARCHITECTURE_HELP
 
 
 def add_commands(commands) -> None:
-    s = commands.add_parser("sanitize", help="sanitize one model locally")
-    s.add_argument("model", type=Path, help="TorchScript archive, state_dict (.pt/.pth) or .safetensors")
-    s.add_argument("--samples", type=Path, required=True, help=".npz (x, y) or .zip of class folders")
-    s.add_argument("--out", type=Path, required=True, help="output directory")
-    s.add_argument("--arch", help="built-in architecture of a state_dict / safetensors model")
-    s.add_argument("--num-classes", type=int, dest="num_classes")
-    s.add_argument("--config", type=Path, help="JSON file of settings (see docs/config.md)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--seed", type=int)
+    s = commands.add_parser(
+        "sanitize", help="sanitize one model locally",
+        description="Recover the model's backdoor triggers, erase them by unlearning, and write the "
+                    "sanitized model, report.json and triggers/*.png into --out. Exit code 0 on success, "
+                    "2 for bad input, 1 when the engine fails.")
+    s.add_argument("model", type=Path, help="a TorchScript archive, or a state_dict (.pt/.pth, a checkpoint "
+                   "dict holding one too) or .safetensors file with --arch")
+    s.add_argument("--samples", type=Path, required=True, help="clean samples: an .npz with arrays x and y, "
+                   "or a .zip of class folders of PNG/JPEG images")
+    s.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    s.add_argument("--arch", metavar="NAME", help=f"architecture of a state_dict or safetensors model: {ARCHITECTURE_HELP}")
+    s.add_argument("--num-classes", type=int, dest="num_classes", metavar="K",
+                   help="number of classes (default: read from the model's last layer)")
+    s.add_argument("--config", type=Path, help="JSON file of settings (docs/config.md); the options "
+                   "above override its values")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto: "
+                   "a GPU when there is one)")
+    s.add_argument("--seed", type=int, help="random seed, for a repeatable run (default 0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=sanitize_command)
 
@@ -46,30 +56,26 @@ def sanitize_command(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         return fail(f"model file {args.model} does not exist")
 
-    bar = progress_bar(args.quiet)
-
-    def progress(stage: str, fraction: float, message: str) -> None:
-        show_progress(bar, f"{stage}: {message}", fraction)
-
+    bar = ProgressBar(args.quiet)
     # The model is untrusted code: it runs sandboxed, as in the service, but where this machine
     # cannot confine it fully the run goes on (the machine is the user's own) with this warning.
     sandbox_warnings = logging.StreamHandler(sys.stderr)
     sandbox_warnings.setFormatter(logging.Formatter("warning: %(message)s"))
     logging.getLogger("worker.sandbox").addHandler(sandbox_warnings)
     try:
-        report = run_sanitize_sandboxed(args.model, args.samples, args.out, config, progress, require=False)
+        report = run_sanitize_sandboxed(args.model, args.samples, args.out, config, bar.update, require=False)
     except InputError as e:
-        bar.close()
         return fail(str(e))
     except SandboxError as e:
-        bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    bar.close()
+    finally:
+        bar.finish()
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     summary = {k: report[k] for k in ("verdict", "verdict_reason", "backdoor_probability",
                                       "detected_targets", "residual_targets", "clean_accuracy",
                                       "recovered_asr", "timings_s")}
+    print(f"verdict: {describe_outcome(summary)}", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,13 +1,16 @@
 """The client's commands: `baerase submit`, `status`, `download`, `cancel` and `jobs` talk to a
-running service through the Python client (app/client.py); they load neither torch nor the
-database."""
+running service through the Python client (app/client.py). They need httpx alone: a client
+install (`pip install baerase`, without the service and worker extras) runs them."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from app.cli.common import fail, progress_bar, read_config, show_progress
+from app.cli.common import ProgressBar, describe_outcome, fail, read_config
+from app.client import (DEFAULT_WAIT_S, ApiError, BaeraseError, Client, NotFound, ServerError, Unauthorized,
+                        WaitTimeout)
 
 
 def add_commands(commands) -> None:
@@ -22,31 +25,40 @@ def add_commands(commands) -> None:
     s.add_argument("--samples", type=Path, required=True, help=".npz (x, y) or .zip of class folders")
     s.add_argument("--config", type=Path, help="JSON file of settings (docs/config.md), webhook_url too")
     s.add_argument("--wait", action="store_true", help="show progress until the job ends; exit code says how")
-    s.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
+    s.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, help="with --wait: give up waiting after "
+                   f"this many seconds (exit code 5; the job goes on); default {DEFAULT_WAIT_S:g}")
     s.add_argument("--out", type=Path, help="with --wait: download model, report and triggers here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=submit_command)
 
     s = commands.add_parser("status", parents=[connection], help="a job's status and result")
-    s.add_argument("job_id")
+    s.add_argument("job_id", help="the id `baerase submit` printed")
     s.add_argument("--json", action="store_true", help="the job as the API returns it")
     s.set_defaults(run=status_command)
 
     s = commands.add_parser("download", parents=[connection],
                             help="a succeeded job's model, report.json and triggers/*.png")
-    s.add_argument("job_id")
+    s.add_argument("job_id", help="the id `baerase submit` printed")
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.set_defaults(run=download_command)
 
     s = commands.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
-    s.add_argument("job_id")
+    s.add_argument("job_id", help="the id `baerase submit` printed")
     s.set_defaults(run=cancel_command)
 
     s = commands.add_parser("jobs", parents=[connection], help="your jobs, newest first")
-    s.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    s.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"],
+                   help="only the jobs in this state")
+    s.add_argument("--limit", type=positive_int, default=20, help="at most this many (default 20)")
     s.add_argument("--json", action="store_true", help="the jobs as the API returns them")
     s.set_defaults(run=jobs_command)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 # Exit codes of the commands that talk to the service (submit, status, download, cancel, jobs);
@@ -74,16 +86,20 @@ def submit_command(args: argparse.Namespace) -> int:
             print(job.id)
             return EXIT_SUCCEEDED
         job_id = job.id
-        try:
-            with progress_bar(args.quiet) as bar:
-                def show(job) -> None:
-                    progress = job.progress
-                    show_progress(bar, f"{progress.stage or job.status}: {progress.message or ''}", progress.fraction)
+        bar = ProgressBar(args.quiet)
 
-                job = client.wait(job_id, timeout=args.timeout, on_progress=show)
+        def show(job) -> None:
+            bar.update(job.progress.stage or job.status, job.progress.fraction, job.progress.message or "")
+
+        try:
+            job = client.wait(job_id, timeout=args.timeout, on_progress=show)
         except KeyboardInterrupt:
             print(f"stopped waiting; job {job_id} goes on (see `baerase status {job_id}`)", file=sys.stderr)
             return 130
+        finally:
+            bar.finish()
+        if job.status == "succeeded":
+            print(f"verdict: {describe_outcome(job.result)}", file=sys.stderr)
         summary = {"id": job.id, "status": job.status, "error": job.error, "result": job.result}
         if job.status == "succeeded" and args.out:
             summary["files"] = [str(path) for path in client.download(job.id, args.out)]
@@ -144,15 +160,7 @@ def describe_job(job) -> str:
         return f"{line}  {job.progress.stage or 'waiting'} {job.progress.fraction:.0%}"
     if job.error:
         return f"{line}  {job.error['code']}: {job.error['message']}"
-    if job.result is None:
-        return line
-    verdict = job.result["verdict"]
-    if verdict in ("clean", "suspicious"):
-        return f"{line}  {verdict} (backdoor probability {job.result['backdoor_probability']:.2f}), model unchanged"
-    accuracy = job.result["clean_accuracy"]
-    targets = job.result["detected_targets" if verdict == "removed" else "residual_targets"]
-    return (f"{line}  {verdict}: backdoor target(s) {', '.join(map(str, targets))}; "
-            f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}")
+    return line if job.result is None else f"{line}  {describe_outcome(job.result)}"
 
 
 def job_outcome(job) -> int:
@@ -168,8 +176,6 @@ def job_outcome(job) -> int:
 
 def call_service(args: argparse.Namespace, action) -> int:
     """Runs ``action(client)``; turns the client's errors into one `error:` line and an exit code."""
-    from app.client import ApiError, BaeraseError, Client, ServerError, WaitTimeout
-
     try:
         with Client(args.server, args.api_key) as client:
             return action(client)
@@ -177,9 +183,19 @@ def call_service(args: argparse.Namespace, action) -> int:
         print(f"error: {e}; follow it with `baerase status {e.job.id}`", file=sys.stderr)
         return EXIT_NOT_FINISHED
     except ApiError as e:
+        # The server's details speak HTTP ("GET /jobs", "Authorization: Bearer"): say it the
+        # command line's way where the remedy is the user's.
         if isinstance(e, ServerError):
             print(f"error: the server failed: {e}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        if isinstance(e, NotFound) and getattr(args, "job_id", None):
+            return fail(f"there is no job {args.job_id} for this API key; `baerase jobs` lists yours")
+        if isinstance(e, Unauthorized) and not (args.api_key or os.environ.get("BAERASE_API_KEY")):
+            return fail("no API key: set BAERASE_API_KEY or pass --api-key (an operator creates "
+                        "keys with `baerase keys create --tenant NAME`)")
+        if isinstance(e, Unauthorized):
+            return fail("the server does not know this API key (from --api-key or "
+                        "$BAERASE_API_KEY); check it, or ask the operator for a new one")
         return fail(e.detail)
     except BaeraseError as e:  # unreachable, or a damaged download
         print(f"error: {e}", file=sys.stderr)

@@ -15,8 +15,9 @@ def add_commands(commands) -> None:
     s = commands.add_parser("serve", help="run the REST API")
     s.add_argument("--embedded", action="store_true",
                    help="also run a worker process, and migrate the database first (SQLite by default)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                   "0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.set_defaults(run=serve_command)
 
     s = commands.add_parser("worker", help="run jobs: a Celery worker when BAERASE_BROKER_URL is set, "

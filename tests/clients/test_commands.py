@@ -2,6 +2,7 @@
 server, and each of their exit codes."""
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,9 @@ def test_submit_wait_runs_the_job_and_downloads_its_results(finished_job):
     summary = json.loads(run.stdout)
     assert summary["id"] == finished_job.id and summary["status"] == "succeeded"
     assert 0 in summary["result"]["detected_targets"]
-    assert "report: done" in run.stderr and "100%" in run.stderr  # the progress bar's last state
+    # The progress bar's last line, then the verdict in one line.
+    assert re.search(r"^report +\[#+\] 100%  \d\d:\d\d elapsed, 00:00 left  done$", run.stderr, re.M)
+    assert re.search(r"^verdict: (removed|residual): backdoor target\(s\) 0; clean accuracy", run.stderr, re.M)
     files = {Path(f).relative_to(finished_job.out).as_posix() for f in summary["files"]}
     assert {"model.sanitized.pt", "report.json"} <= files
     assert any(f.startswith("triggers/class0_") and f.endswith(".png") for f in files)
@@ -95,7 +98,7 @@ def test_bad_input_exits_2(server, finished_job, backdoored_digits, tmp_path):
         "a config that is not JSON": (("submit", model, "--samples", samples, "--config", not_json),
                                       "cannot read config"),
         "a file that is not a model (415)": (("submit", not_a_model, "--samples", samples), "model"),
-        "an unknown job (404)": (("status", uuid.uuid4()), "there is no job"),
+        "an unknown job (404)": (("status", uuid.uuid4()), "for this API key; `baerase jobs` lists yours"),
         "a job that cannot be cancelled (409)": (("cancel", finished_job.id), "already succeeded"),
         "a missing option": (("submit", model), "--samples"),
     }
@@ -103,7 +106,11 @@ def test_bad_input_exits_2(server, finished_job, backdoored_digits, tmp_path):
         run = baerase(server.url, *args)
         assert (run.returncode, says in run.stderr) == (2, True), (case, run.stderr)
     unknown_key = baerase(server.url, "jobs", key="not-a-key")
-    assert unknown_key.returncode == 2 and "not known" in unknown_key.stderr
+    assert unknown_key.returncode == 2 and "does not know this API key" in unknown_key.stderr
+    no_key = baerase(server.url, "jobs", key="")
+    assert no_key.returncode == 2 and "set BAERASE_API_KEY or pass --api-key" in no_key.stderr
+    for run in (no_key, unknown_key):
+        assert "Authorization" not in run.stderr and "GET /" not in run.stderr  # the CLI's words, not HTTP's
 
 
 def test_an_unreachable_server_exits_4():

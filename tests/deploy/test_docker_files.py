@@ -110,8 +110,12 @@ def test_env_example_documents_every_setting():
 
 
 def project_requirements() -> dict[str, Requirement]:
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return {canonicalize_name(r.name): r for r in map(Requirement, dependencies)}
+    """What the service and its workers need: the client's dependencies and the service and
+    worker extras (without the extras' references to each other)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = map(Requirement, project["dependencies"] + extras["service"] + extras["worker"])
+    return {canonicalize_name(r.name): r for r in requirements if r.name != "baerase"}
 
 
 def dockerfile_pins(path: Path) -> dict[str, Requirement]:

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from worker.sanitize.architectures import ARCHITECTURES, build_model
-from worker.sanitize.config import ARCHITECTURE_NAMES
+from worker.sanitize.architecture_names import ARCHITECTURE_NAMES
 from worker.sanitize.errors import InputError
 from worker.sanitize.formats import model_format
 from worker.sanitize.loading import load_model, load_samples, save_model

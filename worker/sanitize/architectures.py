@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import ARCHITECTURE_HELP, ARCHITECTURE_NAMES
+from .architecture_names import ARCHITECTURE_HELP, ARCHITECTURE_NAMES
 from .errors import InputError, first_line
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}

@@ -16,7 +16,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from .architectures import build_model
-from .config import ARCHITECTURE_HELP
+from .architecture_names import ARCHITECTURE_HELP
 from .errors import InputError, first_line
 from .formats import is_zip, model_format, read_head
 from .operations import check_archive, check_operations
