@@ -79,7 +79,7 @@ class ServerError(ApiError):
 class WaitTimeout(BaeraseError):
     """``wait`` gave up before the job finished; ``job`` is how it was last seen."""
 
-    def __init__(self, job: Job, timeout: float):
+    def __init__(self, job: JobView, timeout: float):
         self.job = job
         super().__init__(f"job {job.id} is still {job.status} after {timeout:g} s")
 
@@ -99,7 +99,9 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class Job:
+class JobView:
+    """A job as the API answers it (the service's app/core/job_views.py JobView)."""
+
     id: str
     status: str  # queued | running | succeeded | failed | cancelled
     progress: Progress
@@ -115,7 +117,7 @@ class Job:
         return self.status in FINISHED
 
     @classmethod
-    def from_json(cls, data: dict) -> Job:
+    def from_json(cls, data: dict) -> JobView:
         return cls(id=data["id"], status=data["status"], progress=Progress(**data["progress"]),
                    cancel_requested=data["cancel_requested"], error=data["error"],
                    result=data["result"], created_at=data["created_at"],
@@ -154,7 +156,7 @@ class Client:
     # -- jobs ------------------------------------------------------------------------------
 
     def submit(self, model: str | Path, samples: str | Path, config: dict | None = None, *,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None) -> JobView:
         """Uploads a model and clean samples (paths); ``config`` holds the settings of
         docs/config.md and optionally ``webhook_url``. A retried upload carries the same
         Idempotency-Key, so it cannot queue the job twice."""
@@ -169,28 +171,28 @@ class Client:
                     "model": (model.name, model_file, "application/octet-stream"),
                     "samples": (samples.name, samples_file, "application/octet-stream")})
 
-        return Job.from_json(self.request(send).json())
+        return JobView.from_json(self.request(send).json())
 
-    def get(self, job_id: str) -> Job:
-        return Job.from_json(self.request(lambda: self.http.get(f"/jobs/{job_id}")).json())
+    def get(self, job_id: str) -> JobView:
+        return JobView.from_json(self.request(lambda: self.http.get(f"/jobs/{job_id}")).json())
 
-    def list(self, status: str | None = None, limit: int | None = None) -> list[Job]:
+    def list(self, status: str | None = None, limit: int | None = None) -> list[JobView]:
         """Your jobs, newest first (all, or the first ``limit``), optionally only those with
         this ``status``."""
         return list(islice(self.iter_jobs(status), limit))
 
-    def iter_jobs(self, status: str | None = None) -> Iterator[Job]:
+    def iter_jobs(self, status: str | None = None) -> Iterator[JobView]:
         """Your jobs, newest first, fetched a page at a time as the iteration goes."""
         params = {"page_size": 100} | ({"status": status} if status else {})
         while True:
             page = self.request(lambda: self.http.get("/jobs", params=params)).json()
-            yield from (Job.from_json(job) for job in page["jobs"])
+            yield from (JobView.from_json(job) for job in page["jobs"])
             if not page["next_page_token"]:
                 return
             params["page_token"] = page["next_page_token"]
 
     def wait(self, job_id: str, timeout: float | None = DEFAULT_WAIT_S,
-             on_progress: Callable[[Job], None] | None = None, poll_interval_s: float | None = None) -> Job:
+             on_progress: Callable[[JobView], None] | None = None, poll_interval_s: float | None = None) -> JobView:
         """Polls until the job has finished and returns it, whatever its status. Calls
         ``on_progress(job)`` after each poll; raises ``WaitTimeout`` after ``timeout`` seconds
         (6 hours by default; None waits for ever). Polls as often as the server's Retry-After
@@ -198,7 +200,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             response = self.request(lambda: self.http.get(f"/jobs/{job_id}"))
-            job = Job.from_json(response.json())
+            job = JobView.from_json(response.json())
             if on_progress:
                 on_progress(job)
             if job.finished:
@@ -210,9 +212,9 @@ class Client:
                 pause = min(pause, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> JobView:
         """Cancels a queued job at once; a running one stops at the worker's next check."""
-        return Job.from_json(self.request(lambda: self.http.post(f"/jobs/{job_id}/cancel")).json())
+        return JobView.from_json(self.request(lambda: self.http.post(f"/jobs/{job_id}/cancel")).json())
 
     def delete(self, job_id: str) -> None:
         self.request(lambda: self.http.delete(f"/jobs/{job_id}"))
