@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import KNOWN_KEY_TTL_S, TTLCache
-from app.api.routes import health, jobs, metrics, webhooks
+from app.api.routes import docs, health, jobs, metrics, webhooks
 from app.core.config import Settings
 from app.core.security import ensure_api_key
 from app.core.db import make_engine, make_sessions
@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc are app/api/routes/docs.py's: served without a CDN.
+    app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
     app.state.store = LocalArtifactStore(settings.artifact_dir)
     app.state.known_keys = TTLCache(KNOWN_KEY_TTL_S)  # key hash -> tenant
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.job_queue = JobQueue(settings) if settings.broker_url else None
     app.state.metrics = make_registry(sessions, __version__)
     install_problem_handlers(app)
+    app.include_router(docs.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)

@@ -24,7 +24,8 @@ RUN pip install \
         "redis==8.1.0" \
         "httpx==0.28.1" \
         "jinja2==3.1.6" \
-        "prometheus-client==0.26.0"
+        "prometheus-client==0.26.0" \
+        "fastapi-offline==1.7.7"
 
 WORKDIR /opt/baerase
 COPY pyproject.toml README.md alembic.ini ./

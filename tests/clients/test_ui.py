@@ -72,6 +72,9 @@ def test_job_list_and_job_page_in_a_browser(server, finished_job, client, backdo
     key_input.send_keys("not-a-key")
     key_input.submit()
     wait.until(lambda b: "not known" in text_of("#key-message"))
+    # The server's `baerase keys create` is shown as code, without its backticks.
+    assert "`" not in text_of("#key-message")
+    assert browser.find_element(By.CSS_SELECTOR, "#key-message code").text == "baerase keys create --tenant NAME"
     key_input.send_keys(KEY)
     key_input.submit()
 
@@ -102,3 +105,24 @@ def test_job_list_and_job_page_in_a_browser(server, finished_job, client, backdo
     pictures = wait.until(lambda b: (s := b.execute_script(sizes)) and all(n > 0 for n, _ in s) and s)
     assert all(natural >= 256 and shown >= 256 for natural, shown in pictures), pictures
     assert screenshot(browser, "job-page.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("page, rendered", [
+    ("/docs", ".swagger-ui .info .title"),  # Swagger UI's heading, drawn from /openapi.json
+    ("/redoc", "redoc h1"),  # ReDoc's
+])
+def test_the_api_documentation_renders_from_this_server_alone(server, browser, page, rendered):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + page)
+    title = WebDriverWait(browser, 60).until(  # seconds: a page that does not render never will
+        expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, rendered)))
+    assert "BAERASE" in title.text
+    # Scripts, styles and the API description all come from the server. (ReDoc's sidebar footer
+    # also shows Redocly's logo from their CDN: offline, that one image is missing.)
+    loaded = browser.execute_script("return performance.getEntriesByType('resource')"
+                                    ".filter(e => e.initiatorType !== 'img').map(e => e.name)")
+    assert loaded and all(url.startswith(server.url) for url in loaded), loaded
+    screenshot(browser, f"api{page.replace('/', '-')}.png")

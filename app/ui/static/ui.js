@@ -14,10 +14,21 @@ function authorization() {
   return { Authorization: `Bearer ${sessionStorage.getItem(KEY)}` };
 }
 
+// The server's messages quote commands in backticks (`baerase keys create`): shown as code, not
+// as literal backticks. Text nodes only: nothing in a message is ever parsed as HTML.
+function showMessage(element, text) {
+  element.replaceChildren(...text.split("`").map((part, i) => {
+    if (i % 2 === 0) return document.createTextNode(part);
+    const code = document.createElement("code");
+    code.textContent = part;
+    return code;
+  }));
+}
+
 function askForKey(message) {
   clearTimeout(timer);
   sessionStorage.removeItem(KEY);
-  if (message) document.getElementById("key-message").textContent = message;
+  if (message) showMessage(document.getElementById("key-message"), message);
   keyForm.hidden = false;
   main.hidden = forgetKey.hidden = true;
   document.getElementById("api-key").focus();
@@ -34,7 +45,7 @@ async function problemDetail(response) {
 function showNotice(text) {
   const notice = document.createElement("p");
   notice.className = "card failure";
-  notice.textContent = text;
+  showMessage(notice, text);
   main.replaceChildren(notice);
 }
 
