@@ -5,15 +5,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+# Clean accuracy the way the engine measures it for its report (one implementation).
+from worker.sanitize.unlearning import accuracy
+
 
 @torch.no_grad()
 def predict(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     model.eval()
     return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
-
-
-def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict(model, x) == y).float().mean().item() if len(y) else 0.0
 
 
 def backdoor_rates(model, attack, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

@@ -5,15 +5,20 @@ The parent process only takes messages and supervises. The task imports the engi
 inside the pool process that runs the job, after that process has been pinned to its device, and
 that process exits after the job (worker_max_tasks_per_child=1): CUDA is never initialised in the
 parent, and every job starts with a clean GPU.
+
+A worker told to stop (SIGTERM: a deploy, autoscaling) hands its running jobs back at once instead
+of letting Celery wait for them: ``hand_back_running_jobs``.
 """
 
 import logging
 import multiprocessing
 import os
+import signal
 import uuid
 from functools import cache
 
-from celery.signals import worker_process_init
+import billiard
+from celery.signals import worker_process_init, worker_shutting_down
 from celery.utils.log import current_process_index
 
 from app.core.config import Settings
@@ -51,6 +56,7 @@ def serve(devices: list[str]) -> None:
         log.info("pool process %d runs jobs on %s", os.getpid(), f"GPU {device}" if device else "the CPU")
 
     worker_process_init.connect(pin_device, weak=False)
+    worker_shutting_down.connect(hand_back_running_jobs, weak=False)
     # A process of its own, not a thread here: a pool process forked while such a thread held a
     # lock or a database connection would inherit them in that state.
     sweeper = multiprocessing.get_context("spawn").Process(target=sweep_forever, name="baerase-sweeper",
@@ -64,3 +70,13 @@ def serve(devices: list[str]) -> None:
     finally:
         sweeper.terminate()
         sweeper.join()
+
+
+def hand_back_running_jobs(**_) -> None:
+    """On a warm shutdown Celery waits for the running jobs, which may take hours (and a container
+    is killed long before). Each pool process is told to stop instead: the SIGTERM raises
+    SystemExit in it (billiard's handler), and the runner puts its job back in the queue, the
+    attempt not counted (worker/runner.py); a sweeper sends its message to another worker."""
+    for process in billiard.active_children():
+        log.info("stopping: handing back the job of pool process %d, if any", process.pid)
+        os.kill(process.pid, signal.SIGTERM)

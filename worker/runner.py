@@ -67,7 +67,7 @@ def run_queued_jobs(sessions: Sessions, store: ArtifactStore, settings: Settings
     next_sweep = time.monotonic()
     while True:
         if time.monotonic() >= next_sweep:
-            try_sweep(sessions, settings, announce=None)  # polled, a requeued job needs no message
+            try_sweep(sessions, store, settings, announce=None)  # polled, a requeued job needs no message
             next_sweep = time.monotonic() + settings.sweep_interval_s
         try:
             job_id = lifecycle.oldest_queued(sessions)

@@ -31,12 +31,13 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from worker import confine
 from worker.sanitize.errors import InputError
+from worker.sanitize.report import ProgressCallback, Report
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, float, str], None]
 
 # The parent's environment holds the service's secrets (database URL, API keys, cloud
 # credentials): the child gets only these variables, which torch and CUDA read.
@@ -76,25 +77,29 @@ class ResourceLimitExceeded(SandboxError):
 
 
 def run_sanitize_sandboxed(model_path: Path, samples_path: Path, out_dir: Path, config,
-                           progress: Progress | None = None,
+                           progress: ProgressCallback | None = None,
                            check_cancel: Callable[[], None] | None = None,
-                           limits: Limits = Limits(), require: bool = True) -> dict:
+                           limits: Limits = Limits(), require: bool = True) -> Report:
     """``sanitize(model_path, samples_path, out_dir, config, progress, check_cancel)`` in a
     sandboxed child that reads only the two inputs and writes only ``out_dir``; returns its
-    report. Raises what ``run_sandboxed`` raises."""
+    report. Raises what ``run_sandboxed`` raises, and SandboxError for a malformed report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path, samples_path = Path(model_path).resolve(), Path(samples_path).resolve()
     argument = {"model": str(model_path), "samples": str(samples_path), "out": str(out_dir.resolve()),
                 "config": config.model_dump(mode="json")}
     # RLIMIT_AS breaks CUDA, which maps far more address space than it uses.
     address_space = None if may_use_cuda(config.device) else limits.memory_bytes
-    return run_sandboxed("worker.sandbox:sanitize_task", argument, read=[model_path, samples_path],
-                         write=[out_dir], limits=limits, require=require, progress=progress,
-                         check_cancel=check_cancel, address_space_bytes=address_space)
+    result = run_sandboxed("worker.sandbox:sanitize_task", argument, read=[model_path, samples_path],
+                           write=[out_dir], limits=limits, require=require, progress=progress,
+                           check_cancel=check_cancel, address_space_bytes=address_space)
+    try:  # what the child sends is checked like any untrusted input
+        return Report.from_stored(result)
+    except ValidationError as e:
+        raise SandboxError(f"the engine's report is malformed ({e.error_count()} errors)") from None
 
 
 def run_sandboxed(task: str, argument: dict, read: list[Path], write: list[Path],
-                  limits: Limits = Limits(), require: bool = True, progress: Progress | None = None,
+                  limits: Limits = Limits(), require: bool = True, progress: ProgressCallback | None = None,
                   check_cancel: Callable[[], None] | None = None, address_space_bytes: int | None = None):
     """Runs ``task`` ("module:function", called as ``function(argument, progress)``) in a child
     confined to reading ``read`` and writing ``write`` (plus the Python installation, and a
@@ -285,7 +290,7 @@ def child_main() -> None:
         send(result=result)
 
 
-def sanitize_task(argument: dict, progress: Progress) -> dict:
+def sanitize_task(argument: dict, progress: ProgressCallback) -> dict:
     from worker.sanitize.config import SanitizeConfig
     from worker.sanitize.pipeline import sanitize
 

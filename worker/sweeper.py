@@ -4,10 +4,14 @@
   (killed, out of memory, host gone): it is queued again (and announced) while it has attempts
   left, failed with ``worker_lost`` once it has used ``job_max_attempts``, and cancelled if a
   cancel was asked for.
-- A queued job that has waited longer than ``resend_queued_after_s`` since its last message is
-  announced again: the broker may have lost the message (Redis restarted). A duplicate message is
-  harmless, since only one claim of a queued job can succeed.
+- A queued job whose message never reached the broker (it was down at submit, or the job was
+  handed back by a stopping worker) is announced at the next sweep; one that has waited longer
+  than ``resend_queued_after_s`` since its last message is announced again: the broker may have
+  lost the message (Redis restarted). A duplicate message is harmless, since only one claim of a
+  queued job can succeed.
 - Webhook deliveries that are due are attempted (app/core/webhooks.py).
+- Retention: the files of jobs finished more than ``artifact_retention_days`` ago are deleted, and
+  Idempotency-Keys older than ``idempotency_retention_hours`` forgotten.
 
 The state changes themselves are app/core/lifecycle.py's. Every change is a conditional update,
 so any number of sweepers may run at once: each Celery
@@ -22,7 +26,9 @@ from collections.abc import Callable
 
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, Sessions
-from app.core.lifecycle import recover_lost_jobs, take_waiting_jobs
+from app.core.lifecycle import (expire_finished_jobs, expire_idempotency_records, mark_announced, recover_lost_jobs,
+                                take_waiting_jobs)
+from app.core.storage import ArtifactStore
 from app.core.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -30,21 +36,30 @@ log = logging.getLogger(__name__)
 Announce = Callable[[uuid.UUID], bool]
 
 
-def sweep(sessions: Sessions, settings: Settings, announce: Announce | None) -> None:
+def sweep(sessions: Sessions, store: ArtifactStore, settings: Settings, announce: Announce | None) -> None:
     """One round. ``announce`` sends a job's message (None: workers poll, nothing to send)."""
-    for job_id in recover_lost_jobs(sessions, settings):
-        if announce:
-            announce(job_id)
+    requeued = recover_lost_jobs(sessions, settings)
     if announce:
-        for job_id in take_waiting_jobs(sessions, settings):
-            announce(job_id)
+        announce_all(sessions, announce, [*requeued, *take_waiting_jobs(sessions, settings)])
     deliver_due(sessions, settings)
+    expire_finished_jobs(sessions, store, settings)
+    expire_idempotency_records(sessions, settings)
 
 
-def try_sweep(sessions: Sessions, settings: Settings, announce: Announce | None) -> None:
+def announce_all(sessions: Sessions, announce: Announce, job_ids: list[uuid.UUID]) -> None:
+    """Sends the jobs' messages in order, recording each that gets through. The first failure
+    ends the round (the broker is down: each further try would wait out its retries); the rest
+    stay not announced, for the next round."""
+    for job_id in job_ids:
+        if not announce(job_id):
+            return
+        mark_announced(sessions, job_id)
+
+
+def try_sweep(sessions: Sessions, store: ArtifactStore, settings: Settings, announce: Announce | None) -> None:
     """One round that never raises: a sweeper that died would leave lost jobs running forever."""
     try:
-        sweep(sessions, settings, announce)
+        sweep(sessions, store, settings, announce)
     except UNAVAILABLE as e:
         log.warning("the database is unavailable (%s); sweeping again later", str(e).splitlines()[0])
     except Exception:
@@ -58,11 +73,13 @@ def sweep_forever() -> None:
 
     from app.core.db import make_engine, make_sessions
     from app.core.job_queue import JobQueue
+    from app.core.storage import LocalArtifactStore
 
     set_pdeathsig("SIGTERM")  # dies with its worker, even one killed with SIGKILL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweeper %(levelname)s %(message)s")
     settings = Settings()
     sessions, queue = make_sessions(make_engine(settings.database_url)), JobQueue(settings)
+    store = LocalArtifactStore(settings.artifact_dir)
     while True:
-        try_sweep(sessions, settings, queue.announce)
+        try_sweep(sessions, store, settings, queue.announce)
         time.sleep(settings.sweep_interval_s)

@@ -5,23 +5,14 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.core.job_views import JobView, job_path
-from app.core.models import DeliveryStatus, TriggerImage
+from app.core.job_views import JobView, TriggerView
+from app.core.models import DeliveryStatus
 from app.core.webhook_urls import without_credentials
 
 
 class JobPage(BaseModel):
     jobs: list[JobView]
     next_page_token: str | None = Field(description="pass as page_token for the next page")
-
-
-class TriggerView(BaseModel):
-    class_: int = Field(serialization_alias="class", description="the class the trigger flips inputs to")
-    family: str = Field(description="patch | mask")
-    score: float | None = Field(description="the class's detection score: how much smaller its "
-                                            "trigger is than the median class's, in log units, less "
-                                            "what a reference model shares (higher: more suspicious)")
-    images: dict[str, str] = Field(description="picture kind (mask, pattern, stamped) -> PNG URL")
 
 
 class TriggerList(BaseModel):
@@ -31,6 +22,13 @@ class TriggerList(BaseModel):
 class WebhookSecret(BaseModel):
     secret: str = Field(description="whsec_<base64>: verify webhook-signature with the base64-decoded "
                                     "bytes as the HMAC-SHA256 key (Standard Webhooks)")
+
+
+class RotatedWebhookSecret(BaseModel):
+    secret: str = Field(description="the new secret, whsec_<base64>; it signs every webhook from now on")
+    previous_secret_retires_at: datetime = Field(
+        description="until then webhooks carry a second signature, by the previous secret "
+                    "(BAERASE_WEBHOOK_SECRET_GRACE_S after the rotation)")
 
 
 class WebhookDeliveryView(BaseModel):
@@ -57,12 +55,3 @@ class WebhookDeliveryView(BaseModel):
 class WebhookDeliveryList(BaseModel):
     deliveries: list[WebhookDeliveryView]
 
-
-def trigger_views(job_id: uuid.UUID, images: list[TriggerImage]) -> list[TriggerView]:
-    """One entry per recovered trigger (class and family), with the URLs of its pictures."""
-    views: dict[tuple[int, str], TriggerView] = {}
-    for image in images:
-        view = views.setdefault((image.class_index, image.family), TriggerView(
-            class_=image.class_index, family=image.family, score=image.score, images={}))
-        view.images[image.kind] = f"{job_path(job_id)}/triggers/{image.name}.png"
-    return list(views.values())

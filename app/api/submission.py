@@ -3,7 +3,6 @@ tenant's limit on active jobs, and Idempotency-Key replays. Refusals are problem
 
 import hashlib
 import json
-import math
 import uuid
 
 from pydantic import AnyHttpUrl, ValidationError
@@ -11,14 +10,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.problems import Problem, describe_validation_errors
+from app.api.problems import Problem
 from app.api.uploads import JobForm, model_format, samples_suffix
 from app.core.config import Settings
+from app.core.metrics import add_to_counter
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
 from app.core.storage import ArtifactStore
 from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
 from worker.sanitize.architecture_names import ARCHITECTURE_HELP
 from worker.sanitize.config import SanitizeConfig
+from worker.sanitize.config_json import describe_invalid_config, parse_config_json
 from worker.sanitize.formats import MODEL_SUFFIXES
 
 # Suggested wait before submitting again when the tenant has too many jobs: jobs take minutes.
@@ -31,37 +32,15 @@ class JobOptions(SanitizeConfig):
     webhook_url: AnyHttpUrl | None = None
 
 
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 reads as inf
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_options(text: bytes | None) -> JobOptions:
-    # NaN and Infinity are Python's extensions of JSON: PostgreSQL refuses them in a JSON column,
-    # and no setting means anything with them.
     try:
-        options = json.loads(text, parse_float=finite_float, parse_constant=refuse_constant) if text else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Problem(422, f"config is not valid JSON ({e}); send a JSON object such as "
-                           '{"seed": 0}') from None
-    except RecursionError:
-        raise Problem(422, "config is nested too deeply; send a JSON object such as "
-                           '{"seed": 0}') from None
-    if not isinstance(options, dict):
-        raise Problem(422, 'config must be a JSON object such as {"seed": 0}')
-    try:
+        options = parse_config_json(text) if text else {}
         return JobOptions.model_validate(options)
     except ValidationError as e:
-        errors = [{**error, "loc": f"config.{error['loc']}".rstrip(".")}
-                  for error in describe_validation_errors(e.errors())]
-        detail = "; ".join(f"{error['loc']}: {error['msg']}" for error in errors)
-        raise Problem(422, f"invalid config: {detail} (see docs/config.md)", errors=errors) from None
+        detail, errors = describe_invalid_config(e.errors())
+        raise Problem(422, detail, errors=errors) from None
+    except ValueError as e:
+        raise Problem(422, str(e)) from None
 
 
 def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: JobForm,
@@ -103,6 +82,8 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
             stored = store.put(part.staged, f"{folder}/{role.value}{suffix}")
             job.artifacts.append(Artifact(role=role, key=stored.key, filename=part.filename[:255],
                                           size=stored.size, sha256=stored.sha256))
+            add_to_counter(session, "uploads", role.value, 1)
+            add_to_counter(session, "upload_bytes", role.value, stored.size)
         session.add(job)
         if idempotency_key:
             session.add(IdempotencyRecord(tenant_id=tenant.id, key=idempotency_key,

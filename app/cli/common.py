@@ -1,11 +1,12 @@
 """What the `baerase` commands share: the one-line error, the config file, the progress bar
 and its verdict line. Standard library only: the client's commands need nothing but httpx."""
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
+
+from worker.sanitize.config_json import parse_config_json
 
 
 def fail(message: str) -> int:
@@ -15,16 +16,16 @@ def fail(message: str) -> int:
 
 
 def read_config(path: Path | None) -> dict | None:
-    """The JSON object in the file (None without a file); ValueError says what is wrong with it."""
+    """The JSON object in the file (None without a file); ValueError says what is wrong with it,
+    in the API's words (worker/sanitize/config_json.py)."""
     if path is None:
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return parse_config_json(path.read_bytes())
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+    except ValueError as e:
         raise ValueError(f"cannot read config {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return config
 
 
 class ProgressBar:

@@ -39,6 +39,7 @@ def sanitize_command(args: argparse.Namespace) -> int:
 
     from worker.sandbox import SandboxError, run_sanitize_sandboxed
     from worker.sanitize.config import SanitizeConfig
+    from worker.sanitize.config_json import describe_invalid_config
     from worker.sanitize.errors import InputError
 
     try:
@@ -48,9 +49,7 @@ def sanitize_command(args: argparse.Namespace) -> int:
                 options[key] = getattr(args, key)
         config = SanitizeConfig(**options)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}"
-                             for err in e.errors())
-        return fail(f"invalid config: {problems}")
+        return fail(describe_invalid_config(e.errors())[0])
     except ValueError as e:
         return fail(str(e))
     if not args.model.is_file():
@@ -71,11 +70,9 @@ def sanitize_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.finish()
-    for warning in report["warnings"]:
+    for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    summary = {k: report[k] for k in ("verdict", "verdict_reason", "backdoor_probability",
-                                      "detected_targets", "residual_targets", "clean_accuracy",
-                                      "recovered_asr", "timings_s")}
+    summary = report.headline()
     print(f"verdict: {describe_outcome(summary)}", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0

@@ -56,7 +56,7 @@ def serve_command(args: argparse.Namespace) -> int:
     setup_logging(settings.log_format, settings.log_level, "api")
     worker = None
     if args.embedded:
-        upgrade(settings.database_url)
+        upgrade(settings.database_url, artifact_dir=settings.artifact_dir)
         # A separate process, so that even here the API process never loads a model.
         settings.broker_url = None  # embedded: no broker; the worker polls the database
         worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
@@ -137,7 +137,7 @@ def db_upgrade_command(args: argparse.Namespace) -> int:
     from app.core.db import upgrade
 
     settings = Settings()
-    upgrade(settings.database_url)
+    upgrade(settings.database_url, artifact_dir=settings.artifact_dir)
     print(f"{make_url(settings.database_url).render_as_string(hide_password=True)}: schema is up to date")
     return 0
 

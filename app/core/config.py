@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(30.0, gt=0, description="how often each worker's sweeper runs")
     resend_queued_after_s: float = Field(900.0, gt=0, description="a queued job waiting longer gets "
                                          "its Celery message sent again")
+    artifact_retention_days: float = Field(30.0, gt=0, le=3650, description="a finished job's files "
+                                           "(uploads, sanitized model, trigger pictures) are deleted this "
+                                           "long after it finished; its record and report stay, and its "
+                                           "downloads answer 410 Gone")
+    idempotency_retention_hours: float = Field(24.0, gt=0, le=24 * 365, description="an Idempotency-Key "
+                                               "is remembered this long; a retry after it makes a new job")
+    webhook_secret_grace_s: float = Field(86400.0, ge=0, le=30 * 86400, description="after a rotation "
+                                          "(POST /webhook-secret/rotate) the old secret also signs "
+                                          "webhooks this long, so receivers can switch over")
     db_retry_s: float = Field(300.0, ge=0, description="how long a worker retries a status write "
                                                        "while the database is unreachable")
     webhook_max_attempts: int = Field(8, ge=1, description="deliveries of one webhook message at most")

@@ -55,16 +55,19 @@ def make_sessions(engine: Engine) -> Sessions:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(database_url: str, artifact_dir: Path | None = None) -> Config:
+    """``artifact_dir``: the artifact store, for migrations that move files into or out of it
+    (default: the settings' own)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    # Passed as an attribute: ConfigParser would treat a % in the URL as interpolation.
+    # Passed as attributes: ConfigParser would treat a % in the URL as interpolation.
     config.attributes["database_url"] = database_url
+    config.attributes["artifact_dir"] = artifact_dir
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(database_url: str, revision: str = "head", artifact_dir: Path | None = None) -> None:
+    command.upgrade(alembic_config(database_url, artifact_dir), revision)
 
 
 @cache  # the migration scripts do not change while the process runs

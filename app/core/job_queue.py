@@ -67,7 +67,7 @@ class JobQueue:
 
     def announce(self, job_id: uuid.UUID) -> bool:
         """Sends the job's message; False (logged) if the broker cannot be reached, in which case
-        a sweeper sends it later (resend_queued_after_s)."""
+        a sweeper sends it at its next round (the job stays not announced)."""
         try:
             self.celery.send_task(RUN_JOB_TASK, args=[str(job_id)], retry_policy={
                 "max_retries": PUBLISH_RETRIES, "interval_start": 0.5, "interval_step": 0, "interval_max": 0.5})

@@ -1,6 +1,6 @@
-"""A job as the API shows it and its webhooks carry it: ``job_view`` turns a jobs row (with its
-artifacts and metric rows) into a ``JobView``; ``report_metrics`` names the report's numbers for
-those metric rows."""
+"""A job as the API, the web page and the webhooks show it: ``job_view`` turns a jobs row (with
+its artifacts) into a ``JobView``; ``job_report`` reads its stored report
+(worker/sanitize/report.py), from which the result and ``trigger_views`` come."""
 
 import uuid
 from datetime import datetime
@@ -8,9 +8,8 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from app.core.models import ArtifactRole, Job, JobStatus
+from worker.sanitize.report import Report
 
-# Report sections whose numbers are kept as job_metrics rows, named by their dotted path.
-METRIC_SECTIONS = ("clean_accuracy", "recovered_asr", "timings_s", "sample_accuracy", "backdoor_probability")
 
 class Progress(BaseModel):
     stage: str | None = Field(description="validate | recovery | unlearning | report")
@@ -73,6 +72,15 @@ class JobView(BaseModel):
     links: JobLinks
 
 
+class TriggerView(BaseModel):
+    class_: int = Field(serialization_alias="class", description="the class the trigger flips inputs to")
+    family: str = Field(description="patch | mask")
+    score: float | None = Field(description="the class's detection score: how much smaller its "
+                                            "trigger is than the median class's, in log units, less "
+                                            "what a reference model shares (higher: more suspicious)")
+    images: dict[str, str] = Field(description="picture kind (mask, pattern, stamped) -> PNG URL")
+
+
 def job_path(job_id: uuid.UUID) -> str:
     return f"/jobs/{job_id}"
 
@@ -88,46 +96,36 @@ def job_view(job: Job) -> JobView:
                           message=job.progress_message),
         cancel_requested=job.cancel_requested, attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-        result=job_result(job) if job.status == JobStatus.succeeded else None,
+        result=job_result(job_report(job)) if job.status == JobStatus.succeeded else None,
         model_format=job.model_format, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
         links=JobLinks(self=path, cancel=f"{path}/cancel", model=f"{path}/model",
                        triggers=f"{path}/triggers", report=f"{path}/report", webhooks=f"{path}/webhooks"),
     )
 
 
-def report_metrics(report: dict) -> dict[str, float]:
-    """The report's numbers by dotted path: clean_accuracy.after, recovered_asr.0.before, ...
-    (stored as the job's metric rows, which ``job_result`` reads back)."""
-    metrics = {}
-
-    def walk(path: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{path}.{key}", item)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            metrics[path] = float(value)
-
-    for section in METRIC_SECTIONS:
-        walk(section, report.get(section))
-    return metrics
+def job_report(job: Job) -> Report:
+    """A succeeded job's report, as whichever version stored it (reads the deferred column)."""
+    return Report.from_stored(job.report)
 
 
-def job_result(job: Job) -> JobResult:
-    """The headline numbers, from the job's metric rows (``report_metrics``)."""
-    metrics = {m.name: m.value for m in job.metrics}
-
-    def under(prefix: str) -> dict[str, float]:
-        return {name.removeprefix(prefix): value for name, value in metrics.items()
-                if name.startswith(prefix)}
-
-    targets = job.detected_targets or []
-    report = job.report or {}
+def job_result(report: Report) -> JobResult:
+    """The headline numbers of a succeeded job."""
     return JobResult(
-        verdict=report.get("verdict", "clean"), verdict_reason=report.get("verdict_reason", ""),
-        backdoor_probability=report.get("backdoor_probability", 0.0),
-        backdoor_detected=bool(job.backdoor_detected), detected_targets=targets,
-        residual_targets=report.get("residual_targets", []),
-        clean_accuracy=under("clean_accuracy."),
-        recovered_asr={str(t): under(f"recovered_asr.{t}.") for t in targets},
-        timings=under("timings_s."),
+        verdict=report.verdict, verdict_reason=report.verdict_reason,
+        backdoor_probability=report.backdoor_probability, backdoor_detected=report.backdoor_detected,
+        detected_targets=report.detected_targets, residual_targets=report.residual_targets,
+        clean_accuracy=report.clean_accuracy.model_dump(),
+        recovered_asr={target: asr.model_dump() for target, asr in report.recovered_asr.items()},
+        timings=report.timings_s,
     )
+
+
+def trigger_views(job_id: uuid.UUID, report: Report) -> list[TriggerView]:
+    """One entry per recovered trigger (class and family), with the URLs of its pictures."""
+    views: dict[tuple[int, str], TriggerView] = {}
+    for trigger in sorted(report.triggers, key=lambda t: (t.class_, t.family, t.kind)):
+        view = views.setdefault((trigger.class_, trigger.family), TriggerView(
+            class_=trigger.class_, family=trigger.family, score=report.score_of(trigger.class_, trigger.family),
+            images={}))
+        view.images[trigger.kind] = f"{job_path(job_id)}/triggers/{trigger.name}.png"
+    return list(views.values())

@@ -1,7 +1,7 @@
 """Every change of a job's state, in one place: claim, heartbeat and progress, succeed, fail,
-cancel, requeue, recover lost, delete. The API cancels and deletes, the runner (worker/runner.py)
-claims, reports progress and finishes, the sweeper (worker/sweeper.py) recovers lost jobs; all
-through these functions.
+cancel, requeue, recover lost, announce, expire, delete. The API cancels and deletes, the runner
+(worker/runner.py) claims, reports progress and finishes, the sweeper (worker/sweeper.py)
+recovers lost jobs, sends messages again and applies retention; all through these functions.
 
 A claim is an atomic queued -> running update that counts the attempt and names the worker, so a
 job never runs twice at once however many messages or workers there are. Every later write by
@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, Sessions, retry_while_unavailable
-from app.core.job_views import report_metrics
-from app.core.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus, Tenant, TriggerImage, utcnow
-from app.core.storage import ArtifactStore
+from app.core.metrics import add_to_counter, observe
+from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant, utcnow
+from app.core.storage import ArtifactStore, StoredFile
 from app.core.webhooks import queue_webhook
+from worker.sanitize.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,16 @@ def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# Jobs whose files one retention sweep deletes at most: a sweep must stay short.
+EXPIRY_BATCH = 100
+
+
 def back_in_queue(now: datetime, message: str) -> dict:
-    """The values that return a running job to the queue, ready for a new claim."""
+    """The values that return a running job to the queue, ready for a new claim; its message is
+    still to be sent (``announced``), which the next sweep does."""
     return dict(status=JobStatus.queued, worker_id=None, started_at=None, heartbeat_at=None,
-                enqueued_at=now, progress_stage=None, progress_fraction=0.0, progress_message=message)
+                enqueued_at=now, announced=False, progress_stage=None, progress_fraction=0.0,
+                progress_message=message)
 
 
 # What the runner reads.
@@ -108,18 +115,13 @@ def cancel_requested(sessions: Sessions, job_id: uuid.UUID) -> bool:
 
 
 def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_claim: Claim,
-            out: Path, report: dict, model: Artifact) -> JobStatus | None:
-    """Moves the sanitized model from ``out`` into the store and records report, metrics, trigger
-    pictures, the final state and its webhook in one transaction (None: the claim was lost)."""
+            out: Path, report: Report, model: Artifact) -> JobStatus | None:
+    """Moves the sanitized model and the trigger pictures from ``out`` into the store, and
+    records the report, the final state and its webhook in one transaction (None: the claim was
+    lost)."""
     job_id = job_claim.job_id
     suffix = Path(model.key).suffix
-    staged = store.stage()
-    try:
-        staged.copy_from(out / f"model{suffix}")
-        stored = store.put(staged, f"jobs/{job_id}/sanitized_model{suffix}")
-    finally:
-        staged.discard()
-    scores = {(s["class"], s["family"]): s["score"] for s in report["class_scores"]}
+    results = [store_file(store, out / f"model{suffix}", f"jobs/{job_id}/sanitized_model{suffix}")]
 
     def write_outcome() -> bool:
         with sessions() as session:
@@ -127,35 +129,63 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
             # the job between this check and the commit (SQLite locks the whole database).
             finished = session.execute(update(Job).where(*job_claim.holds()).values(
                 status=JobStatus.succeeded, finished_at=utcnow(), progress_stage="report",
-                progress_fraction=1.0, progress_message="done",
-                backdoor_detected=report["backdoor_detected"],
-                detected_targets=report["detected_targets"], report=report))
-            if finished.rowcount == 0:
+                progress_fraction=1.0, progress_message="done", report=report.to_json())
+                .returning(Job.started_at, Job.finished_at)).one_or_none()
+            if finished is None:
                 return recorded_before(session, job_claim, JobStatus.succeeded)
+            stored = results[0]
             session.add(Artifact(job_id=job_id, role=ArtifactRole.sanitized_model, key=stored.key,
                                  filename=f"{Path(model.filename).stem}.sanitized{suffix}"[:255],
                                  size=stored.size, sha256=stored.sha256))
-            session.add_all(
-                TriggerImage(job_id=job_id, name=Path(t["file"]).stem, class_index=t["class"],
-                             family=t["family"], kind=t["kind"], score=scores.get((t["class"], t["family"])),
-                             png=(out / t["file"]).read_bytes())
-                for t in report["triggers"])
-            session.add_all(JobMetric(job_id=job_id, name=name, value=value)
-                            for name, value in report_metrics(report).items())
-            session.flush()
+            record_finished(session, JobStatus.succeeded, *finished)
+            for stage, seconds in report.timings_s.items():
+                if stage != "total":  # the run time is the job histogram's
+                    observe(session, "stage", stage, seconds)
             queue_webhook(session, job_id)
             session.commit()
             return True
 
     try:
+        # The pictures are the files the report names (trigger_key); the database keeps no copy.
+        results += [store_file(store, out / trigger.file, trigger_key(job_id, trigger.name))
+                    for trigger in report.triggers]
         recorded = retry_while_unavailable(f"storing the results of job {job_id}", write_outcome, settings.db_retry_s)
     except BaseException:
-        store.delete_prefix(stored.key)
+        remove_results(store, job_id, results[0])
         raise
     if not recorded:
-        store.delete_prefix(stored.key)
+        remove_results(store, job_id, results[0])
         return None
     return JobStatus.succeeded
+
+
+def trigger_key(job_id: uuid.UUID, name: str) -> str:
+    """Where a succeeded job's trigger picture lives in the artifact store."""
+    return f"jobs/{job_id}/triggers/{name}.png"
+
+
+def store_file(store: ArtifactStore, source: Path, key: str) -> StoredFile:
+    staged = store.stage()
+    try:
+        staged.copy_from(source)
+        return store.put(staged, key)
+    finally:
+        staged.discard()
+
+
+def remove_results(store: ArtifactStore, job_id: uuid.UUID, sanitized_model: StoredFile) -> None:
+    """Removes what ``succeed`` stored when its outcome was not recorded."""
+    store.delete_prefix(sanitized_model.key)
+    store.delete_prefix(f"jobs/{job_id}/triggers")
+
+
+def record_finished(session: Session, status: JobStatus, started_at: datetime | None,
+                    finished_at: datetime) -> None:
+    """Counts a job that reached a final state, and its run time, for /metrics (a job that never
+    started has no run time)."""
+    add_to_counter(session, "finished_jobs", status.value, 1)
+    if started_at is not None:
+        observe(session, "job", status.value, (finished_at - started_at).total_seconds())
 
 
 def finish(sessions: Sessions, settings: Settings, job_claim: Claim, status: JobStatus,
@@ -165,9 +195,11 @@ def finish(sessions: Sessions, settings: Settings, job_claim: Claim, status: Job
     def write_outcome() -> bool:
         with sessions() as session:
             finished = session.execute(update(Job).where(*job_claim.holds()).values(
-                status=status, finished_at=utcnow(), error_code=error_code, error_message=error_message))
-            if finished.rowcount == 0:
+                status=status, finished_at=utcnow(), error_code=error_code, error_message=error_message)
+                .returning(Job.started_at, Job.finished_at)).one_or_none()
+            if finished is None:
                 return recorded_before(session, job_claim, status)
+            record_finished(session, status, *finished)
             queue_webhook(session, job_claim.job_id)
             session.commit()
             return True
@@ -205,18 +237,21 @@ def recover_lost_jobs(sessions: Sessions, settings: Settings) -> list[uuid.UUID]
     lost = and_(Job.status == JobStatus.running,
                 Job.heartbeat_at < now - timedelta(seconds=settings.heartbeat_timeout_s))
     with sessions() as session:
-        cancelled = session.scalars(
+        cancelled = session.execute(
             update(Job).where(lost, Job.cancel_requested.is_(True))
-            .values(status=JobStatus.cancelled, finished_at=now).returning(Job.id)).all()
-        failed = session.scalars(
+            .values(status=JobStatus.cancelled, finished_at=now).returning(Job.id, Job.started_at)).all()
+        failed = session.execute(
             update(Job).where(lost, Job.attempts >= settings.job_max_attempts)
             .values(status=JobStatus.failed, finished_at=now, error_code="worker_lost",
                     error_message=f"the worker running this job stopped responding, on each of its "
                                   f"{settings.job_max_attempts} attempts (killed, out of memory, "
                                   "or its host went down); the workers' logs tell why")
-            .returning(Job.id)).all()
-        for job_id in (*cancelled, *failed):
-            queue_webhook(session, job_id)
+            .returning(Job.id, Job.started_at)).all()
+        for status, ended in ((JobStatus.cancelled, cancelled), (JobStatus.failed, failed)):
+            for job_id, started_at in ended:
+                record_finished(session, status, started_at, now)
+                queue_webhook(session, job_id)
+        cancelled, failed = [job_id for job_id, _ in cancelled], [job_id for job_id, _ in failed]
         requeued = session.scalars(
             update(Job).where(lost).values(**back_in_queue(now, "requeued: its worker stopped responding"))
             .returning(Job.id)).all()
@@ -231,18 +266,62 @@ def recover_lost_jobs(sessions: Sessions, settings: Settings) -> list[uuid.UUID]
 
 
 def take_waiting_jobs(sessions: Sessions, settings: Settings) -> list[uuid.UUID]:
-    """The queued jobs whose last message is older than resend_queued_after_s, stamped as sent
-    now (so that one sweeper takes each)."""
+    """The queued jobs whose message must be sent (again), oldest first, stamped as taken now so
+    that one sweeper takes each: those whose message never reached the broker (not announced,
+    taken at the next sweep), and those whose last message is older than resend_queued_after_s
+    (the broker may have lost it). ``mark_announced`` records each message that gets through."""
     now = utcnow()
     with sessions() as session:
-        waiting = session.scalars(
-            update(Job).where(Job.status == JobStatus.queued,
-                              Job.enqueued_at < now - timedelta(seconds=settings.resend_queued_after_s))
-            .values(enqueued_at=now).returning(Job.id)).all()
+        waiting = session.execute(
+            update(Job).where(Job.status == JobStatus.queued, or_(
+                and_(Job.announced.is_(False), Job.enqueued_at < now - timedelta(seconds=settings.sweep_interval_s)),
+                Job.enqueued_at < now - timedelta(seconds=settings.resend_queued_after_s)))
+            .values(enqueued_at=now, announced=False).returning(Job.id, Job.created_at)).all()
         session.commit()
     if waiting:
-        log.info("sending the messages of %d queued jobs again", len(waiting))
-    return list(waiting)
+        log.info("sending the messages of %d queued jobs (again)", len(waiting))
+    return [job_id for job_id, _ in sorted(waiting, key=lambda row: row.created_at)]
+
+
+def mark_announced(sessions: Sessions, job_id: uuid.UUID) -> None:
+    """Records that the job's message reached the broker. Unrecorded (the database briefly
+    unreachable), the message is only sent again at the next sweep, which is harmless."""
+    try:
+        with sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(announced=True))
+            session.commit()
+    except UNAVAILABLE as e:
+        log.warning("job %s: could not record that its message was sent: %s", job_id, str(e).splitlines()[0])
+
+
+# Retention.
+
+def expire_finished_jobs(sessions: Sessions, store: ArtifactStore, settings: Settings) -> list[uuid.UUID]:
+    """Deletes the files of jobs that finished more than artifact_retention_days ago (a batch at a
+    time) and marks them expired; their records and reports stay. The files go first: a sweep
+    cut short in between finds the job again and finishes the work."""
+    cutoff = utcnow() - timedelta(days=settings.artifact_retention_days)
+    with sessions() as session:
+        due = list(session.scalars(
+            select(Job.id).where(Job.expired_at.is_(None), Job.finished_at < cutoff)
+            .order_by(Job.finished_at).limit(EXPIRY_BATCH)))
+    for job_id in due:
+        store.delete_prefix(f"jobs/{job_id}")
+    if due:
+        with sessions() as session:
+            session.execute(update(Job).where(Job.id.in_(due)).values(expired_at=utcnow()))
+            session.commit()
+        log.info("retention: deleted the files of %d jobs that finished before %s", len(due), cutoff.isoformat())
+    return due
+
+
+def expire_idempotency_records(sessions: Sessions, settings: Settings) -> int:
+    """Forgets Idempotency-Keys older than idempotency_retention_hours; returns how many."""
+    cutoff = utcnow() - timedelta(hours=settings.idempotency_retention_hours)
+    with sessions() as session:
+        deleted = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < cutoff))
+        session.commit()
+    return deleted.rowcount
 
 
 # The API.
@@ -252,8 +331,10 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
     between steps and marks it cancelled). Returns the job as it now is."""
     queued = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow()))
-    if queued.rowcount == 1:
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow())
+        .returning(Job.finished_at)).one_or_none()
+    if queued is not None:
+        record_finished(session, JobStatus.cancelled, None, queued.finished_at)
         queue_webhook(session, job_id)  # a worker delivers it
     else:
         session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
@@ -264,9 +345,13 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
 
 def delete_job(session: Session, store: ArtifactStore, job_id: uuid.UUID) -> bool:
     """Deletes the job, its results and its files, unless it is running (False)."""
-    deleted = session.execute(delete(Job).where(Job.id == job_id, Job.status != JobStatus.running))
-    session.commit()
-    if deleted.rowcount == 0:
+    deleted = session.execute(delete(Job).where(Job.id == job_id, Job.status != JobStatus.running)
+                              .returning(Job.status)).one_or_none()
+    if deleted is None:
+        session.rollback()
         return False
+    if deleted.status.finished:  # /metrics counts the jobs in the database
+        add_to_counter(session, "finished_jobs", deleted.status.value, -1)
+    session.commit()
     store.delete_prefix(f"jobs/{job_id}")
     return True

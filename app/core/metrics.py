@@ -1,13 +1,16 @@
 """`GET /metrics` in the Prometheus text format, and the workers' metrics server.
 
-Every job number is computed from the database when Prometheus scrapes, by a custom collector,
-not counted in process memory: the jobs table is the source of truth (see app/core/models.py), jobs
-are finished by worker processes (often Celery pool processes that exit after each job) on other
-hosts, and the API may run as several replicas. In-memory counters would be split across
-processes and reset by every restart; the database's answer is the same from any replica and
-survives all of them. Histograms are rebuilt from the rows of finished jobs (finished_at -
-started_at, and each report's timings_s.* numbers in job_metrics), so their buckets are exact.
-Deleting a job removes it from these numbers, as it removes it from the database.
+Every job number comes from the database when Prometheus scrapes, by a custom collector, not
+from counters in process memory: jobs are finished by worker processes (often Celery pool
+processes that exit after each job) on other hosts, and the API may run as several replicas, so
+in-memory counters would be split across processes and reset by every restart. The database's
+answer is the same from any replica and survives all of them.
+
+A scrape does a bounded amount of work however many jobs have run: it counts the queued and
+running jobs (at most the tenants' active-job limits) and reads running totals, changed in the
+transaction of what they count: ``MetricCounter`` rows (finished jobs by status, uploads) by
+``add_to_counter``, and the duration histograms' ``DurationBucket`` rows by ``observe`` (a
+finished job's run time, its report's stage timings; app/core/lifecycle.py).
 """
 
 import logging
@@ -18,25 +21,59 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
                                     InfoMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from app.core.models import Artifact, ArtifactRole, Job, JobMetric, JobStatus
+from app.core.models import ArtifactRole, DurationBucket, Job, JobStatus, MetricCounter
 
 log = logging.getLogger(__name__)
 
 # Jobs take seconds (a tiny model on a GPU) to hours (a ResNet on the CPU).
 JOB_BUCKETS_S = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, float("inf"))
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
-STAGE_PREFIX = "timings_s."
+# The bounds of each histogram that DurationBucket rows count in. Changing them would misfile the
+# counts already stored: add a histogram name instead.
+BUCKETS_S = {"job": JOB_BUCKETS_S, "stage": STAGE_BUCKETS_S}
 
 
-def histogram(name: str, documentation: str, buckets, samples: dict[tuple, list[float]],
-              label_names: list[str]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=label_names)
-    for labels, values in sorted(samples.items()):
-        cumulative = [(str(bound) if bound != float("inf") else "+Inf", sum(v <= bound for v in values))
-                      for bound in buckets]
-        family.add_metric(list(labels), cumulative, sum(values))
+def upsert(session: Session, table, values: dict, keys: list[str], added: dict):
+    """INSERT values, or where a row with the same keys exists, add ``added`` to it."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(table).values(**values)
+    return session.execute(insert.on_conflict_do_update(index_elements=keys, set_=added))
+
+
+def add_to_counter(session: Session, name: str, label: str, amount: int) -> None:
+    """Adds ``amount`` to a running total; committed with the caller's transaction."""
+    upsert(session, MetricCounter, {"name": name, "label": label, "value": amount}, ["name", "label"],
+           {"value": MetricCounter.value + amount})
+
+
+def observe(session: Session, histogram: str, label: str, seconds: float) -> None:
+    """Counts one duration in its bucket; committed with the caller's transaction. An upsert, so
+    that workers finishing jobs at once each add theirs."""
+    seconds = max(seconds, 0.0)
+    bucket = next(i for i, bound in enumerate(BUCKETS_S[histogram]) if seconds <= bound)
+    upsert(session, DurationBucket, {"histogram": histogram, "label": label, "bucket": bucket, "count": 1,
+                                     "total_s": seconds}, ["histogram", "label", "bucket"],
+           {"count": DurationBucket.count + 1, "total_s": DurationBucket.total_s + seconds})
+
+
+def histogram(name: str, documentation: str, buckets, rows: list[DurationBucket],
+              label_name: str) -> HistogramMetricFamily:
+    """A histogram family from the DurationBucket rows of one histogram."""
+    family = HistogramMetricFamily(name, documentation, labels=[label_name])
+    for label in sorted({row.label for row in rows}):
+        counts = [0] * len(buckets)
+        total = 0.0
+        for row in rows:
+            if row.label == label and row.bucket < len(buckets):
+                counts[row.bucket] += row.count
+                total += row.total_s
+        cumulative = [(str(bound) if bound != float("inf") else "+Inf", sum(counts[:i + 1]))
+                      for i, bound in enumerate(buckets)]
+        family.add_metric([label], cumulative, total)
     return family
 
 
@@ -61,47 +98,32 @@ class DatabaseCollector:
 
     def read(self) -> list:
         with self.sessions() as session:
-            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            upload_bytes = dict(session.execute(
-                select(Artifact.role, func.coalesce(func.sum(Artifact.size), 0))
-                .where(Artifact.role.in_([ArtifactRole.model, ArtifactRole.samples]))
-                .group_by(Artifact.role)).all())
-            uploads = dict(session.execute(
-                select(Artifact.role, func.count())
-                .where(Artifact.role.in_([ArtifactRole.model, ArtifactRole.samples]))
-                .group_by(Artifact.role)).all())
-            finished = session.execute(
-                select(Job.status, Job.started_at, Job.finished_at)
-                .where(Job.status.in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]),
-                       Job.started_at.is_not(None), Job.finished_at.is_not(None))).all()
-            stages = session.execute(select(JobMetric.name, JobMetric.value)
-                                     .where(JobMetric.name.like(f"{STAGE_PREFIX}%"))).all()
+            active = dict(session.execute(
+                select(Job.status, func.count()).where(Job.status.in_([JobStatus.queued, JobStatus.running]))
+                .group_by(Job.status)).all())
+            counters = {(row.name, row.label): row.value for row in session.scalars(select(MetricCounter))}
+            buckets = list(session.scalars(select(DurationBucket)))
+        by_status = {status: active.get(status, 0) if status in (JobStatus.queued, JobStatus.running)
+                     else counters.get(("finished_jobs", status.value), 0) for status in JobStatus}
 
         jobs = GaugeMetricFamily("baerase_jobs", "Jobs in the database by status", labels=["status"])
         for status in JobStatus:
-            jobs.add_metric([status.value], by_status.get(status, 0))
+            jobs.add_metric([status.value], by_status[status])
         queue = GaugeMetricFamily("baerase_queue_depth", "Jobs waiting for a worker (status queued)")
-        queue.add_metric([], by_status.get(JobStatus.queued, 0))
+        queue.add_metric([], by_status[JobStatus.queued])
         upload = CounterMetricFamily("baerase_upload_bytes", "Bytes uploaded, by part (model or samples)",
                                      labels=["part"])
         upload_count = CounterMetricFamily("baerase_uploads", "Files uploaded, by part", labels=["part"])
         for role in (ArtifactRole.model, ArtifactRole.samples):
-            upload.add_metric([role.value], int(upload_bytes.get(role, 0)))
-            upload_count.add_metric([role.value], uploads.get(role, 0))
+            upload.add_metric([role.value], counters.get(("upload_bytes", role.value), 0))
+            upload_count.add_metric([role.value], counters.get(("uploads", role.value), 0))
 
-        durations: dict[tuple, list[float]] = {}
-        for status, started, ended in finished:
-            durations.setdefault((status.value,), []).append(max((ended - started).total_seconds(), 0.0))
-        stage_times: dict[tuple, list[float]] = {}
-        for name, value in stages:
-            stage = name[len(STAGE_PREFIX):]
-            if stage != "total":
-                stage_times.setdefault((stage,), []).append(value)
         return [jobs, queue, upload, upload_count,
                 histogram("baerase_job_duration_seconds", "Run time of finished jobs (start to end)",
-                          JOB_BUCKETS_S, durations, ["status"]),
+                          JOB_BUCKETS_S, [row for row in buckets if row.histogram == "job"], "status"),
                 histogram("baerase_stage_duration_seconds", "Time per engine stage of succeeded jobs "
-                          "(the report's timings_s)", STAGE_BUCKETS_S, stage_times, ["stage"])]
+                          "(the report's timings_s)", STAGE_BUCKETS_S,
+                          [row for row in buckets if row.histogram == "stage"], "stage")]
 
 
 def make_registry(sessions, version: str) -> CollectorRegistry:

@@ -1,5 +1,6 @@
-"""The service's tables. Uploaded and sanitized model files live in the artifact store; the
-database keeps their keys and checksums, the reports, metrics and trigger images (PNG bytes).
+"""The service's tables. Uploaded and sanitized models and the trigger pictures live in the
+artifact store; the database keeps the models' keys and checksums, and each job's report once
+(worker/sanitize/report.py; the trigger pictures are the files its ``triggers`` list names).
 
 The jobs table is the source of truth for every job's state; a broker message only says "job X
 is ready" and can be lost or sent twice without harm (see app/core/lifecycle.py)."""
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index,
-                        LargeBinary, String, Text, TypeDecorator, UniqueConstraint, Uuid)
+                        String, Text, TypeDecorator, UniqueConstraint, Uuid)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -71,6 +72,10 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     # Signs this tenant's webhooks; kept in the clear because signing needs it (whsec_<base64>).
     webhook_secret: Mapped[str] = mapped_column(String(100))
+    # The secret before the last rotation, which also signs webhooks until it retires: receivers
+    # switch over within that grace period (app/core/webhooks.py).
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_retires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -91,6 +96,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_expiry", "expired_at", "finished_at"),  # retention's sweep
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -101,6 +107,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Last time a broker message was sent for it: the sweeper sends again when it waits too long.
     enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Whether that message reached the broker. False until it does (the broker was down at submit,
+    # or the job was handed back): the next sweep sends it, without waiting for resend_queued_after_s.
+    announced: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(default=0)  # claims so far, the running one included
     worker_id: Mapped[str | None] = mapped_column(String(255))  # host:pid that runs it
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # stamped while it runs
@@ -113,12 +122,11 @@ class Job(Base):
     config: Mapped[dict] = mapped_column(JSON)  # SanitizeConfig, defaults filled in
     webhook_url: Mapped[str | None] = mapped_column(Text)
     model_format: Mapped[str] = mapped_column(String(16))  # torchscript | state_dict | safetensors
-    backdoor_detected: Mapped[bool | None] = mapped_column(Boolean)
-    detected_targets: Mapped[list[int] | None] = mapped_column(JSON)
-    report: Mapped[dict | None] = mapped_column(JSON, deferred=True)
+    report: Mapped[dict | None] = mapped_column(JSON, deferred=True)  # report.json, once succeeded
+    # When retention removed its files (models, samples, trigger pictures); the record stays.
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     artifacts: Mapped[list["Artifact"]] = relationship(lazy="selectin", passive_deletes=True)
-    metrics: Mapped[list["JobMetric"]] = relationship(lazy="selectin", passive_deletes=True)
 
     def artifact(self, role: ArtifactRole) -> "Artifact | None":
         return next((a for a in self.artifacts if a.role == role), None)
@@ -139,31 +147,30 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
 
 
-class TriggerImage(Base):
-    """One picture of a recovered trigger: its mask, its pattern, or it stamped on samples."""
+class DurationBucket(Base):
+    """Finished jobs' run times (by final status) and stage times (by stage) as histogram buckets:
+    how many values fell in the bucket and their sum. Added to in the transaction that finishes a
+    job, so that a /metrics scrape reads these few rows however many jobs have run
+    (app/core/metrics.py)."""
 
-    __tablename__ = "trigger_images"
-    __table_args__ = (UniqueConstraint("job_id", "name"),)
+    __tablename__ = "duration_buckets"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(100))  # e.g. class0_mask_pattern
-    class_index: Mapped[int]
-    family: Mapped[str] = mapped_column(String(16))
-    kind: Mapped[str] = mapped_column(String(16))
-    score: Mapped[float | None] = mapped_column(Float)  # score of the trigger's class (report.json class_scores)
-    png: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    histogram: Mapped[str] = mapped_column(String(16), primary_key=True)  # job | stage
+    label: Mapped[str] = mapped_column(String(32), primary_key=True)  # a final status, or a stage
+    bucket: Mapped[int] = mapped_column(primary_key=True)  # index of the smallest bound that holds the values
+    count: Mapped[int] = mapped_column(BigInteger)
+    total_s: Mapped[float]
 
 
-class JobMetric(Base):
-    """A number from a finished job's report, by its dotted path (clean_accuracy.after,
-    recovered_asr.0.before, timings_s.total): queryable across jobs."""
+class MetricCounter(Base):
+    """A running total behind /metrics, changed in the transaction of what it counts: finished
+    jobs by status, uploads and uploaded bytes by part (app/core/metrics.py)."""
 
-    __tablename__ = "job_metrics"
+    __tablename__ = "metric_counters"
 
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
-    value: Mapped[float]
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    label: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class IdempotencyRecord(Base):

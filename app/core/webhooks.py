@@ -10,7 +10,10 @@ The body is ``{"type": "job.succeeded", "timestamp": ..., "data": <the job, as G
 sent with the headers ``webhook-id`` (the same on every attempt, for deduplication),
 ``webhook-timestamp`` (Unix seconds of the attempt) and ``webhook-signature``:
 ``v1,<base64 HMAC-SHA256 over "<id>.<timestamp>.<body>">``, keyed with the raw bytes of the
-tenant's secret ``whsec_<base64>`` (GET /webhook-secret).
+tenant's secret ``whsec_<base64>`` (GET /webhook-secret). After a rotation (POST
+/webhook-secret/rotate) the header carries two signatures, space-separated as the spec allows,
+until the previous secret retires (webhook_secret_grace_s): a receiver that still has the old
+secret verifies the message, and so does one that has the new.
 """
 
 import base64
@@ -27,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import Sessions
-from app.core.security import WEBHOOK_SECRET_PREFIX
+from app.core.security import WEBHOOK_SECRET_PREFIX, signing_secrets
 from app.core.models import DeliveryStatus, Job, Tenant, WebhookDelivery, utcnow
 from app.core.job_views import job_view
 from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url, without_credentials
@@ -88,11 +91,11 @@ def attempt_delivery(sessions: Sessions, settings: Settings, delivery_id: int) -
         session.commit()
         if claimed.rowcount != 1:
             return False
-        delivery, secret = session.execute(
-            select(WebhookDelivery, Tenant.webhook_secret).join(Job, Job.id == WebhookDelivery.job_id)
+        delivery, tenant = session.execute(
+            select(WebhookDelivery, Tenant).join(Job, Job.id == WebhookDelivery.job_id)
             .join(Tenant, Tenant.id == Job.tenant_id).where(WebhookDelivery.id == delivery_id)).one()
 
-    status_code, error = post(delivery, secret, settings)
+    status_code, error = post(delivery, signing_secrets(tenant, utcnow()), settings)
     attempts = delivery.attempts + 1
     outcome = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
     if error is None:
@@ -112,7 +115,7 @@ def attempt_delivery(sessions: Sessions, settings: Settings, delivery_id: int) -
     return True
 
 
-def post(delivery: WebhookDelivery, secret: str, settings: Settings) -> tuple[int | None, str | None]:
+def post(delivery: WebhookDelivery, secrets: list[str], settings: Settings) -> tuple[int | None, str | None]:
     """One attempt: (HTTP status, None) on a 2xx answer, else (status or None, what went wrong).
     Redirects count as failures, as the spec advises (and a redirect could point anywhere)."""
     try:
@@ -122,7 +125,8 @@ def post(delivery: WebhookDelivery, secret: str, settings: Settings) -> tuple[in
     timestamp = int(utcnow().timestamp())
     headers = {"content-type": "application/json", "user-agent": "baerase-webhook",
                "webhook-id": delivery.message_id, "webhook-timestamp": str(timestamp),
-               "webhook-signature": sign(secret, delivery.message_id, timestamp, delivery.payload),
+               "webhook-signature": " ".join(sign(secret, delivery.message_id, timestamp, delivery.payload)
+                                             for secret in secrets),
                "host": target.url.netloc.decode("ascii")}
     # Connect to the addresses just checked, not to whatever a second DNS lookup would answer;
     # the host name still goes into the Host header and TLS (SNI and certificate check).

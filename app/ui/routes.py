@@ -5,15 +5,13 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
 from app.api.deps import CurrentTenant, JobDep, SessionsDep
 from app.api.job_queries import canonical_uuid, list_jobs
 from app.api.problems import Problem
 from app.api.routes.jobs import RETRY_AFTER_S
-from app.api.schemas import trigger_views
-from app.core.job_views import job_view
-from app.core.models import Job, JobStatus, TriggerImage
+from app.core.job_views import job_report, job_view, trigger_views
+from app.core.models import JobStatus
 from app.ui.chart import score_chart
 
 HERE = Path(__file__).parent
@@ -63,37 +61,17 @@ def job_fragment(request: Request, job: JobDep, sessions: SessionsDep) -> HTMLRe
     with sessions() as session:
         session.add(job)  # attached again (JobDep's session is closed): a view may read deferred columns
         context = {"job": job_view(job)}
-    if job.status == JobStatus.succeeded:
-        with sessions() as session:
-            report = session.scalar(select(Job.report).where(Job.id == job.id))
-            images = list(session.scalars(
-                select(TriggerImage).where(TriggerImage.job_id == job.id)
-                .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind)))
-        report = with_scores(report)
-        asr_threshold = report["config"]["unlearning"]["asr_threshold"]
+        report = job_report(job) if job.status == JobStatus.succeeded else None
+    if report is not None:
         context |= {
             "report": report,
-            # The targets whose recovered trigger unlearning did not bring down to the threshold.
-            "not_erased": [target for target, asr in report["recovered_asr"].items()
-                           if asr["after"] > asr_threshold],
-            "asr_threshold": asr_threshold,
-            "chart": score_chart(report["class_scores"], report["flag_score"],
-                                 report["config"]["class_names"]),
-            "triggers": trigger_views(job.id, images),
+            "not_erased": report.not_erased(),
+            "chart": score_chart([score.model_dump(by_alias=True) for score in report.class_scores],
+                                 report.flag_score, report.class_names),
+            "triggers": trigger_views(job.id, report),
         }
     headers = {} if job.status.finished else {"Retry-After": str(RETRY_AFTER_S)}
     return templates.TemplateResponse(request, "job.html", context, headers=headers)
-
-
-def with_scores(report: dict) -> dict:
-    """Reports stored before detection scores (no reference model) have log ratios only: their
-    page shows each log ratio as the score, so an older job's page still opens."""
-    if "flag_score" in report:
-        return report
-    return report | {
-        "flag_score": report["flag_log_ratio"],
-        "class_scores": [{"score": s["log_ratio"], "transfer_asr": None} | s for s in report["class_scores"]],
-    }
 
 
 @router.get("/static/{name}")

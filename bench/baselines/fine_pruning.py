@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from ..metrics import accuracy
+from worker.sanitize.unlearning import accuracy
+
 from .common import FINE_TUNE_BATCH, FINE_TUNE_EPOCHS, fine_tune, trainable_copy
 
 

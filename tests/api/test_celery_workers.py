@@ -234,3 +234,35 @@ def test_jobs_whose_messages_redis_lost_are_sent_again(client, submit, auth, wor
     for job in jobs:
         done = wait_until_finished(client, auth, job, workers)
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(client, submit, auth, workers, broker):
+    broker.stop()
+    job = submit(config=FAST).json()  # accepted and kept; its message could not be sent
+    broker.start()
+    # The long resend timer is far away: only the job's not-announced mark gets it sent.
+    workers.env["BAERASE_RESEND_QUEUED_AFTER_S"] = "3600"
+    workers.start()
+    done = wait_until_finished(client, auth, job, workers)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_a_worker_stopped_with_sigterm_hands_its_job_back_at_once(client, submit, auth, workers):
+    # A heartbeat timeout far away: only the hand-back can put the job back in the queue.
+    workers.env["BAERASE_HEARTBEAT_TIMEOUT_S"] = "3600"
+    job = submit(config=SLOW).json()
+    first = workers.start()
+    wait_until_recovering(client, auth, job)
+    os.kill(first.pid, signal.SIGTERM)  # what `docker stop` sends the worker's main process
+
+    def handed_back():
+        now = job_now(client, auth, job)
+        return now if now["status"] == "queued" else None
+
+    queued = wait_for(handed_back, f"job {job['id']} to be queued again; logs:\n{workers.log_text()}")
+    assert queued["attempts"] == 0, queued  # being stopped is not a failed attempt
+    first.wait(timeout=60)
+
+    workers.start()
+    done = wait_until_finished(client, auth, job, workers)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done

@@ -1,7 +1,7 @@
 """The job page's score chart, for reports of this engine and of the one before detection scores."""
 
 from app.ui.chart import score_chart
-from app.ui.routes import with_scores
+from worker.sanitize.report import with_scores
 
 ROW = {"class": 0, "family": "mask", "trigger_size": 0.01, "held_out_asr": 0.9, "flagged": False}
 

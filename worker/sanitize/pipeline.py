@@ -28,9 +28,9 @@ from .loading import Samples, load_model, load_samples, save_model
 from .recovery import (FoundTrigger, RecoveredTrigger, held_out_asr, make_families, pixel_budget, search_triggers,
                        train_generator)
 from .reference import train_reference
+from .report import (BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore, SampleCounts, TriggerFile,
+                     UnlearningSummary, Verification)
 from .unlearning import accuracy, unlearn
-
-Progress = Callable[[str, float, str], None]
 
 # Share of the progress bar each stage takes.
 STAGES = {"validate": (0.0, 0.03), "recovery": (0.03, 0.4), "unlearning": (0.4, 0.65),
@@ -110,18 +110,16 @@ def validate(model: nn.Module, samples: Samples, num_classes: int | None, device
     low, high = int(samples.y.min()), int(samples.y.max())
     if low < 0 or high >= k:
         raise InputError(f"labels must lie in [0, {k}); found labels from {low} to {high}")
-    correct = sum((model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
-                  for xb, yb in zip(samples.x.split(500), samples.y.split(500)))
-    accuracy = correct / len(samples.y)
+    sample_accuracy = accuracy(model, samples.x.to(device), samples.y.to(device))
     warnings = []
-    if accuracy < 2 / k:
+    if sample_accuracy < 2 / k:
         warnings.append(
-            f"the model's accuracy on the samples is {accuracy:.1%}, near chance for {k} classes: "
+            f"the model's accuracy on the samples is {sample_accuracy:.1%}, near chance for {k} classes: "
             "check the preprocessing (scaling, mean/std) and the label order"
         )
     if len(samples.y) < 20 * k:
         warnings.append(f"only {len(samples.y)} samples for {k} classes; results will be noisy")
-    return k, accuracy, warnings
+    return k, sample_accuracy, warnings
 
 
 @dataclass
@@ -182,20 +180,21 @@ def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold
     return triggers
 
 
-def score_rows(detection: Detection) -> list[dict]:
-    return [{"class": s.target, "family": s.family, "trigger_size": round(s.size, 5),
-             "screen_size": round(detection.found[(s.target, s.family)].screen_size, 5),
-             "log_ratio": round(s.log_ratio, 3), "transfer_asr": round(s.transfer_asr, 4),
-             "score": round(s.score, 3),
-             "held_out_asr": round(s.asr, 4), "shifted_asr": round(s.shifted_asr, 4),
-             "probability": round(s.probability, 4), "flagged": s.flagged}
+def score_rows(detection: Detection) -> list[ReportedScore]:
+    return [ReportedScore(class_=s.target, family=s.family, trigger_size=round(s.size, 5),
+                          screen_size=round(detection.found[(s.target, s.family)].screen_size, 5),
+                          log_ratio=round(s.log_ratio, 3), transfer_asr=round(s.transfer_asr, 4),
+                          score=round(s.score, 3), held_out_asr=round(s.asr, 4),
+                          shifted_asr=round(s.shifted_asr, 4), probability=round(s.probability, 4),
+                          flagged=s.flagged)
             for s in detection.scores]
 
 
 def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: SanitizeConfig,
-             progress: Progress | None = None, check_cancel: Callable[[], None] | None = None,
+             progress: ProgressCallback | None = None, check_cancel: Callable[[], None] | None = None,
              calibration: Calibration | None = None) -> dict:
-    """Runs the whole pipeline and writes DIR/model.<ext>, DIR/report.json and DIR/triggers/."""
+    """Runs the whole pipeline and writes DIR/model.<ext>, DIR/report.json and DIR/triggers/;
+    returns the report as report.json holds it (a JSON value: it leaves the sandbox as JSON)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
     calibration = calibration or Calibration.load()
@@ -303,53 +302,47 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         for kind, png in trigger_pictures(trigger, x_hold[:16], config.seed).items():
             name = f"class{trigger.target}_{trigger.family.name}_{kind}.png"
             (trigger_dir / name).write_bytes(png)
-            trigger_files.append({"class": trigger.target, "family": trigger.family.name,
-                                  "kind": kind, "file": f"triggers/{name}"})
+            trigger_files.append(TriggerFile(class_=trigger.target, family=trigger.family.name, kind=kind,
+                                             file=f"triggers/{name}"))
     timings["total"] = time.perf_counter() - started
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
-    report = {
-        "verdict": verdict,
-        "verdict_reason": verdict_reason(verdict, detection, verification, residual, config),
-        "backdoor_probability": round(detection.probability, 4),
-        "backdoor_detected": bool(triggers),
-        "detected_targets": [t.target for t in triggers],
-        "residual_targets": residual,
-        "class_scores": score_rows(detection),
-        "flag_score": round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
-        "clean_accuracy": {"before": accuracy_before, "after": accuracy_after},
-        "recovered_asr": {
-            str(t.target): {"before": first.before.recovered_asr[t.target],
-                            "after": last.after.recovered_asr[t.target]}
-            for t in triggers
-        },
-        "verification": None if verification is None else {
-            "rounds": len(unlearning_runs),
-            "backdoor_probability": round(verification.probability, 4),
-            "class_scores": score_rows(verification)[:num_classes],
-        },
-        "sample_accuracy": sample_accuracy,
-        "num_classes": num_classes,
-        "class_names": samples.class_names,
-        "num_samples": {"train": len(train_idx), "held_out": len(hold_idx)},
-        "unlearning": None if not unlearning_runs else {
-            "rounds": len(unlearning_runs),
-            "epochs": sum(r.epochs_run for r in unlearning_runs),
-            "steps": sum(r.steps for r in unlearning_runs),
-            "rollbacks": sum(r.rollbacks for r in unlearning_runs),
-        },
-        "calibration": {"models": calibration.models, "source": calibration.source},
-        "model_format": loaded.format,
-        "model_changed": changed,
-        "triggers": trigger_files,
-        "warnings": warnings,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "config": config.model_dump(),
-        "versions": {"baerase": __version__, "torch": torch.__version__,
-                     "python": platform.python_version(), "device": str(device)},
-    }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report = Report(
+        verdict=verdict,
+        verdict_reason=verdict_reason(verdict, detection, verification, residual, config),
+        backdoor_probability=round(detection.probability, 4),
+        backdoor_detected=bool(triggers),
+        detected_targets=[t.target for t in triggers],
+        residual_targets=residual,
+        class_scores=score_rows(detection),
+        flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
+        clean_accuracy=BeforeAfter(before=accuracy_before, after=accuracy_after),
+        recovered_asr={str(t.target): BeforeAfter(before=first.before.recovered_asr[t.target],
+                                                  after=last.after.recovered_asr[t.target])
+                       for t in triggers},
+        verification=None if verification is None else Verification(
+            rounds=len(unlearning_runs), backdoor_probability=round(verification.probability, 4),
+            class_scores=score_rows(verification)[:num_classes]),
+        sample_accuracy=sample_accuracy,
+        num_classes=num_classes,
+        class_names=samples.class_names,
+        num_samples=SampleCounts(train=len(train_idx), held_out=len(hold_idx)),
+        unlearning=None if not unlearning_runs else UnlearningSummary(
+            rounds=len(unlearning_runs), epochs=sum(r.epochs_run for r in unlearning_runs),
+            steps=sum(r.steps for r in unlearning_runs), rollbacks=sum(r.rollbacks for r in unlearning_runs)),
+        calibration=CalibrationSource(models=calibration.models, source=calibration.source),
+        model_format=loaded.format,
+        model_changed=changed,
+        triggers=trigger_files,
+        warnings=warnings,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        config=config.model_dump(),
+        versions={"baerase": __version__, "torch": torch.__version__,
+                  "python": platform.python_version(), "device": str(device)},
+    )
+    report_json = report.to_json()
+    (out_dir / "report.json").write_text(json.dumps(report_json, indent=2))
     report_progress("report", 1.0, "done")
-    return report
+    return report_json
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None,

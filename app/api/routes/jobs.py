@@ -16,13 +16,14 @@ from sqlalchemy.orm import Session
 from app.api import job_queries, submission
 from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep, TTLCache
 from app.api.problems import MEDIA_TYPE, Problem
-from app.api.schemas import JobPage, TriggerList, trigger_views
+from app.api.schemas import JobPage, TriggerList
 from app.api.uploads import receive_job_form
 from app.core import lifecycle
 from app.core.db import Sessions
-from app.core.job_views import JobView, job_path, job_view
-from app.core.models import ArtifactRole, Job, JobStatus, Tenant, TriggerImage
+from app.core.job_views import JobView, job_path, job_report, job_view, trigger_views
+from app.core.models import ArtifactRole, Job, JobStatus, Tenant
 from app.core.storage import read_chunks
+from worker.sanitize.report import Report
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 T = TypeVar("T")
@@ -65,9 +66,10 @@ async def create_job(
     finally:
         form.discard()
     # After the commit, so a worker never gets a message for a job it cannot see yet. If this
-    # fails the job still stands: a sweeper sends its message later.
+    # fails the job still stands, not announced: a sweeper sends its message at its next round.
     if not replayed and (queue := request.app.state.job_queue):
-        await run_in_threadpool(queue.announce, view.id)
+        if await run_in_threadpool(queue.announce, view.id):
+            await run_in_threadpool(lifecycle.mark_announced, sessions, view.id)
     response.headers["Location"] = job_path(view.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -142,9 +144,9 @@ def delete_job(job: JobDep, sessions: SessionsDep, store: StoreDep, request: Req
 @router.get("/{job_id}/model", summary="Download the sanitized model (in the input's format)",
             response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}},
-                       401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+                       401: PROBLEM, 404: PROBLEM, 409: PROBLEM, 410: PROBLEM})
 def download_model(job: JobDep, store: StoreDep) -> StreamingResponse:
-    require_success(job, "the sanitized model")
+    require_files(job, "the sanitized model")
     sanitized = job.artifact(ArtifactRole.sanitized_model)
     digest = base64.b64encode(bytes.fromhex(sanitized.sha256)).decode()
     return StreamingResponse(read_chunks(store.open(sanitized.key)), media_type="application/octet-stream",
@@ -154,27 +156,23 @@ def download_model(job: JobDep, store: StoreDep) -> StreamingResponse:
 
 
 @router.get("/{job_id}/triggers", summary="The recovered triggers of the detected targets",
-            responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM})
+            responses={401: PROBLEM, 404: PROBLEM, 409: PROBLEM, 410: PROBLEM})
 def list_triggers(job: JobDep, sessions: SessionsDep) -> TriggerList:
-    require_success(job, "the recovered triggers")
-    with sessions() as session:
-        images = list(session.scalars(
-            select(TriggerImage).where(TriggerImage.job_id == job.id)
-            .order_by(TriggerImage.class_index, TriggerImage.family, TriggerImage.kind)))
-    return TriggerList(triggers=trigger_views(job.id, images))
+    require_files(job, "the recovered triggers")
+    return TriggerList(triggers=trigger_views(job.id, stored_report(sessions, job)))
 
 
 @router.get("/{job_id}/triggers/{trigger_id}.png", summary="One trigger picture",
             response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 401: PROBLEM, 404: PROBLEM})
-def trigger_png(job: JobDep, trigger_id: str, sessions: SessionsDep) -> Response:
-    with sessions() as session:
-        png = session.scalar(select(TriggerImage.png).where(TriggerImage.job_id == job.id,
-                                                            TriggerImage.name == trigger_id))
-    if png is None:
+            responses={200: {"content": {"image/png": {}}}, 401: PROBLEM, 404: PROBLEM, 410: PROBLEM})
+def trigger_png(job: JobDep, trigger_id: str, sessions: SessionsDep, store: StoreDep) -> Response:
+    require_unexpired(job, "its trigger pictures")
+    report = stored_report(sessions, job) if job.status == JobStatus.succeeded else None
+    if report is None or all(trigger.name != trigger_id for trigger in report.triggers):
         raise Problem(404, f"job {job.id} has no trigger picture {trigger_id!r}; "
                            f"GET {job_path(job.id)}/triggers lists them")
-    return Response(png, media_type="image/png")
+    with store.open(lifecycle.trigger_key(job.id, trigger_id)) as png:
+        return Response(png.read(), media_type="image/png")
 
 
 @router.get("/{job_id}/report", summary="The full report.json of a succeeded job",
@@ -184,6 +182,12 @@ def read_report(job: JobDep, sessions: SessionsDep) -> JSONResponse:
     with sessions() as session:
         report = session.scalar(select(Job.report).where(Job.id == job.id))
     return JSONResponse(report)
+
+
+def stored_report(sessions: Sessions, job: Job) -> Report:
+    with sessions() as session:
+        session.add(job)  # attached again (JobDep's session is closed) to read the deferred report
+        return job_report(job)
 
 
 def in_session(sessions: Sessions, function: Callable[..., T], *args) -> T:
@@ -202,6 +206,19 @@ def require_success(job: Job, what: str) -> None:
                            "succeeded job")
     raise Problem(409, f"job {job.id} is {job.status.value}; {what} will be available once it has "
                        f"succeeded (poll {job_path(job.id)})", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def require_files(job: Job, what: str) -> None:
+    require_success(job, what)
+    require_unexpired(job, what)
+
+
+def require_unexpired(job: Job, what: str) -> None:
+    """410 Gone once retention has deleted the job's files (BAERASE_ARTIFACT_RETENTION_DAYS)."""
+    if job.expired_at is not None:
+        raise Problem(410, f"job {job.id}'s files were deleted on {job.expired_at:%Y-%m-%d}, as the "
+                           f"service keeps them for a set time after a job finishes; {what} is gone "
+                           f"(its report stays at {job_path(job.id)}/report)")
 
 
 def attachment(filename: str) -> str:

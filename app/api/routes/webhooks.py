@@ -3,18 +3,29 @@
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.api.deps import CurrentTenant, JobDep, SessionsDep
+from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep
 from app.api.routes.jobs import PROBLEM
-from app.core.models import WebhookDelivery
-from app.api.schemas import WebhookDeliveryList, WebhookDeliveryView, WebhookSecret
+from app.api.schemas import RotatedWebhookSecret, WebhookDeliveryList, WebhookDeliveryView, WebhookSecret
+from app.core.models import Tenant, WebhookDelivery
+from app.core.security import rotate_webhook_secret
 
 router = APIRouter(tags=["webhooks"])
 
 
 @router.get("/webhook-secret", summary="The secret that signs your webhooks (Standard Webhooks)",
             responses={401: PROBLEM})
-def webhook_secret(tenant: CurrentTenant) -> WebhookSecret:
-    return WebhookSecret(secret=tenant.webhook_secret)
+def webhook_secret(tenant: CurrentTenant, sessions: SessionsDep) -> WebhookSecret:
+    with sessions() as session:  # not the tenant the key cache holds: it may predate a rotation
+        return WebhookSecret(secret=session.get(Tenant, tenant.id).webhook_secret)
+
+
+@router.post("/webhook-secret/rotate", summary="Issue a new webhook secret; the old one keeps signing "
+             "for a grace period", responses={401: PROBLEM})
+def rotate_secret(tenant: CurrentTenant, sessions: SessionsDep, settings: SettingsDep) -> RotatedWebhookSecret:
+    with sessions() as session:
+        rotated = rotate_webhook_secret(session, tenant.id, settings.webhook_secret_grace_s)
+    return RotatedWebhookSecret(secret=rotated.webhook_secret,
+                                previous_secret_retires_at=rotated.previous_secret_retires_at)
 
 
 @router.get("/jobs/{job_id}/webhooks", summary="The deliveries of a job's webhook, and their attempts",
