@@ -1,5 +1,5 @@
-"""Detection: per-family log ratios of the smallest trigger sizes, the discount for triggers that
-work on the reference model too, and the calibrated probability."""
+"""Detection: per-family log ratios of the smallest trigger sizes, the reference ratio of triggers
+that a clean reference model follows too, and the calibrated probability."""
 
 import math
 
@@ -49,16 +49,24 @@ def test_a_trigger_that_does_not_transfer_to_held_out_images_is_not_flagged():
     assert flagged(triggers) == []
 
 
-def test_a_trigger_that_works_on_the_reference_model_too_is_discounted():
-    # A hundred times smaller than the median class, but the reference model, which never saw
-    # poisoned data, follows it on 99% of images: a feature of the data (log 100 + log 0.01 = 0).
+def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
+    # A hundred times smaller than the median class, but a reference model that never saw
+    # poisoned data needs only twice as much of it: a feature of the data, scored log 2.
     triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
-    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
-    triggers[3].transfer_asr = 0.99
+    triggers[3].reference_size = 0.3  # an implant: the reference needs a hundred times more
+    implant = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    triggers[3].reference_size = 0.006
     natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
-    assert scores[3].score == pytest.approx(math.log(100)) and scores[3].flagged
-    assert natural[3].score == pytest.approx(0.0, abs=1e-6) and not natural[3].flagged
-    assert natural[3].log_ratio == scores[3].log_ratio
+    assert implant[3].score == pytest.approx(math.log(100)) and implant[3].flagged
+    assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
+    assert natural[3].log_ratio == implant[3].log_ratio
+
+
+def test_an_ordinary_class_keeps_its_log_ratio_whatever_the_reference_says():
+    triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
+    triggers[4].reference_size = 0.001  # below the median: never a candidate
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    assert scores[4].score == scores[4].log_ratio < 0 and scores[4].reference_ratio is not None
 
 
 def test_blend_factors_are_compared_among_themselves():

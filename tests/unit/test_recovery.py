@@ -6,8 +6,8 @@ import torch
 
 from worker.sanitize.config import RecoveryConfig
 from worker.sanitize.recovery import (
-    BatchedLinear, BlendFamily, MaskFamily, MutualInformation, PatchFamily, StatisticsNetwork,
-    TriggerGenerator, WarpFamily, held_out_asr, search_triggers,
+    BatchedLinear, BlendFamily, FoundTrigger, MaskFamily, MutualInformation, PatchFamily, StatisticsNetwork,
+    TriggerGenerator, WarpFamily, budget, held_out_asr, search_triggers,
 )
 
 
@@ -137,11 +137,26 @@ def test_search_finds_a_small_trigger_for_the_planted_target_only():
     found = search_triggers(PlantedBackdoor(), MaskFamily((1, 6, 6)), x[:150], y[:150], 4, cfg, seed=0)
     assert found[2].size < 0.06  # one pixel of 36 is enough
     # The smallest trigger that held a search batch sits at the edge of working; detection
-    # re-measures it on held-out images (pixel_budget) before anything is decided.
+    # re-measures it on held-out images (budget) before anything is decided.
     assert held_out_asr(PlantedBackdoor(), found[2], x[150:], y[150:]) > 0.5
     # (Class 0 wins every image already: its trigger is empty. A real model gets its own
     # images right, so no class is that cheap.)
     assert min(found[c].size for c in (1, 3)) > 3 * found[2].size
+
+
+def test_budget_is_the_least_of_a_trigger_in_its_own_shape_that_still_works():
+    x, y = torch.rand(100, 1, 6, 6) * 0.3, torch.zeros(100, dtype=torch.long)
+    mask = torch.full((36,), -9.0)
+    mask[0], mask[7] = 9.0, 8.0  # the planted pixel first, then one that does nothing
+    pattern = torch.full((36,), 9.0)  # white
+    trigger = FoundTrigger(2, MaskFamily((1, 6, 6)), torch.cat([mask, pattern]), 0.5, 0.5, True)
+    assert budget(PlantedBackdoor(), trigger, x, y, success=0.5) == 1 / 36
+    # In the blend family the same white image needs a blend factor that lifts pixel (0, 0) over 0.5.
+    blend = FoundTrigger(2, BlendFamily((1, 6, 6)), torch.cat([torch.zeros(1), pattern]), 0.5, 0.5, True)
+    assert 0.2 < budget(PlantedBackdoor(), blend, x, y, success=0.5) < 0.6
+    # A model that never answers to it: the family's whole.
+    assert budget(lambda images: torch.zeros(len(images), 4).index_fill_(1, torch.tensor([0]), 1.0),
+                  trigger, x, y, success=0.5) == 1.0
 
 
 class PlantedWarp(torch.nn.Module):

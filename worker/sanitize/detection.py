@@ -6,11 +6,19 @@ log trigger size minus its own (2.3 = ten times smaller than the median class). 
 over all classes, so two or three targets among ten still leave it to the clean classes.
 
 Some classes are small by nature (Fashion-MNIST's "bag" needs about as few pixels as a weak
-BadNets square), and no size statistic tells them apart. What does is where the trigger works: a
-feature of the data also works on a reference model trained on the clean samples alone
-(reference.py), an implant does not. The score is the log ratio plus log(1 - transfer), where
-transfer is the trigger's held-out ASR on the reference: a trigger that works on the reference
-for half its images loses log 2 of its smallness.
+BadNets square), and no size statistic of the model alone tells them apart. What does is a model
+that never saw poisoned data: the reference, trained on the clean samples alone (reference.py).
+Each candidate trigger is sized again on it, in its own shape (``recovery.budget``), and its
+reference ratio is log(reference budget / model's budget): how many times more of the same
+trigger a clean model of the data needs. A natural trigger is a feature of the data, so the
+reference needs only a few times more of it (measured: "bag" 1.3-2.0 in log units, even on
+ResNets whose bag trigger is tiny and transfers at its own size to 3-5% of images); an implant
+means nothing to the reference (4.5-5.6 for BadNets-style squares, 3.0 for a WaNet warp).
+
+A class's **score** is the smaller of the two: its log ratio (small among this model's classes)
+and its reference ratio (small only for this model). An implant is both; a natural class fails
+the second, an ordinary class the first. A class at or below the median (log ratio <= 0) is
+never a candidate and keeps its log ratio, so the reference sizes only the upper half.
 
 Why not Neural Cleanse's MAD z-score: dividing by the spread of the other classes' sizes made the
 same backdoor score 2.7 on one model and 7.1 on another, while a clean model's natural class
@@ -84,8 +92,9 @@ class ClassScore:
     family: str
     size: float
     log_ratio: float  # log(median class's size / this size), in its family
-    transfer_asr: float  # held-out ASR of the same trigger on the reference model
-    score: float  # log_ratio + log(1 - transfer_asr): what the calibration judges
+    transfer_asr: float  # held-out ASR of the same trigger on the reference model, as it is
+    reference_ratio: float | None  # log(its budget on the reference / its budget here); None: not a candidate
+    score: float  # min(log_ratio, reference_ratio): what the calibration judges
     asr: float  # held-out
     shifted_asr: float
     probability: float
@@ -100,10 +109,15 @@ def log_ratios(found: list[FoundTrigger]) -> list[float]:
     return [median - v for v in logs]
 
 
-def natural_discount(transfer_asr: float) -> float:
-    """log(1 - transfer): the share of a trigger's effect that a model trained on clean data
-    shares is the data's, not an implant's. The floor keeps a trigger that transfers fully finite."""
-    return math.log(max(1.0 - transfer_asr, 0.01))
+def reference_ratio(trigger: FoundTrigger) -> float | None:
+    """log(budget on the reference / budget on the model), where the reference was measured."""
+    if trigger.reference_size is None:
+        return None
+    return math.log(max(trigger.reference_size, 1e-6) / max(trigger.size, 1e-6))
+
+
+def class_score(log_ratio: float, ratio: float | None) -> float:
+    return log_ratio if ratio is None or log_ratio <= 0 else min(log_ratio, ratio)
 
 
 def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration,
@@ -114,10 +128,11 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     scores = []
     for found in per_family:
         for trigger, log_ratio in zip(found, log_ratios(found)):
-            score = log_ratio + natural_discount(trigger.transfer_asr)
+            ratio = reference_ratio(trigger)
+            score = class_score(log_ratio, ratio)
             probability = calibration.probability(score, tests)
             scores.append(ClassScore(
-                trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, score,
+                trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, ratio, score,
                 trigger.asr, trigger.shifted_asr, probability,
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
             ))

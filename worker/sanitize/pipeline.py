@@ -21,11 +21,11 @@ from torch import nn
 
 from . import __version__
 from .config import SanitizeConfig
-from .detection import Calibration, ClassScore, backdoor_probability, score_classes
+from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, score_classes
 from .errors import InputError
 from .images import trigger_pictures
 from .loading import Samples, load_model, load_samples, save_model
-from .recovery import (FoundTrigger, RecoveredTrigger, held_out_asr, make_families, pixel_budget, search_triggers,
+from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, make_families, search_triggers,
                        train_generator)
 from .reference import train_reference
 from .report import (BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore, SampleCounts, TriggerFile,
@@ -156,8 +156,10 @@ def detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classe
             trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
             trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
             trigger.transfer_asr = held_out_asr(reference, trigger, x_hold, y_hold)
-            if family.name == "mask":  # what detection compares: pixels at full strength, held out
-                trigger.size = pixel_budget(model, trigger, x_hold, y_hold, config.detection.budget_asr)
+            trigger.size = budget(model, trigger, x_hold, y_hold, config.detection.budget_asr)
+        for trigger, log_ratio in zip(found, log_ratios(found)):
+            if log_ratio > 0:  # a candidate: is it as small for a clean model of the data?
+                trigger.reference_size = budget(reference, trigger, x_hold, y_hold, config.detection.budget_asr)
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
@@ -184,6 +186,7 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
     return [ReportedScore(class_=s.target, family=s.family, trigger_size=round(s.size, 5),
                           screen_size=round(detection.found[(s.target, s.family)].screen_size, 5),
                           log_ratio=round(s.log_ratio, 3), transfer_asr=round(s.transfer_asr, 4),
+                          reference_ratio=None if s.reference_ratio is None else round(s.reference_ratio, 3),
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
                           shifted_asr=round(s.shifted_asr, 4), probability=round(s.probability, 4),
                           flagged=s.flagged)

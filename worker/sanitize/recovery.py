@@ -51,6 +51,10 @@ class Family(Protocol):
     def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         """The same triggers moved by (dy, dx) pixels, where moving means anything."""
 
+    def at_strength(self, x: torch.Tensor, raw: torch.Tensor, strength: float) -> torch.Tensor:
+        """Images x with one trigger raw (1, dim) applied in its own shape at the given size
+        (on the family's scale), so that one trigger can be measured at every size."""
+
 
 class MaskFamily:
     name = "mask"
@@ -87,6 +91,14 @@ class MaskFamily:
     def size(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw[..., : self.mask_dim]).mean(-1)
 
+    def at_strength(self, x: torch.Tensor, raw: torch.Tensor, strength: float) -> torch.Tensor:
+        # The trigger's most important pixels, as many as the size says, at full strength.
+        parts = self.split(raw)
+        order = parts["mask"].flatten().argsort(descending=True)
+        mask = torch.zeros(order.numel(), device=x.device)
+        mask[order[: round(strength * order.numel())]] = 1
+        return x + mask.view(1, 1, self.height, self.width) * (parts["pattern"] - x)
+
     def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         """The same trigger moved by (dy, dx) pixels."""
         side = (1, 1) if self.mask_dim == 1 else (self.height, self.width)
@@ -108,6 +120,9 @@ class BlendFamily(MaskFamily):
 
     def initial(self, k: int, generator: torch.Generator) -> torch.Tensor:
         return super().initial(k, generator)  # a = 0.88 to start, as the mask
+
+    def at_strength(self, x: torch.Tensor, raw: torch.Tensor, strength: float) -> torch.Tensor:
+        return x + strength * (self.split(raw)["pattern"] - x)
 
 
 class WarpFamily:
@@ -143,6 +158,10 @@ class WarpFamily:
         flow = self.flow(raw.reshape(-1, self.dim))
         return flow.norm(dim=-1).mean((1, 2)).view(raw.shape[:-1])
 
+    def at_strength(self, x: torch.Tensor, raw: torch.Tensor, strength: float) -> torch.Tensor:
+        scaled = raw * (strength / self.size(raw).clamp(min=1e-6)).view(-1, 1)
+        return self.stamp(x, scaled.expand(len(x), -1))
+
     def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return raw  # a smooth warp moves every pixel already: shifting it changes nothing
 
@@ -151,7 +170,7 @@ class PatchFamily:
     """A k x k x C patch pasted at a uniformly random position of every image."""
 
     name = "patch"
-    scale = "patch"  # every patch has the same area: only the ASR it reaches tells classes apart
+    scale = "opacity"  # every patch has the same area: how opaque it must be tells classes apart
     whole = 1.0
 
     def __init__(self, shape: tuple[int, int, int], patch_size: int):
@@ -178,6 +197,10 @@ class PatchFamily:
 
     def size(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.full(raw.shape[:-1], self.k * self.k / (self.height * self.width), device=raw.device)
+
+    def at_strength(self, x: torch.Tensor, raw: torch.Tensor, strength: float) -> torch.Tensor:
+        # Every patch has the same area: its size is measured as how opaque it must be.
+        return x + strength * (self.stamp(x, raw.expand(len(x), -1)) - x)
 
     def shifted(self, raw: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return raw  # lands at a random position anyway
@@ -208,6 +231,7 @@ class FoundTrigger:
     asr: float = 0.0  # on the held-out split (filled in by ``held_out_asr``)
     shifted_asr: float = 0.0  # the same, moved by one pixel
     transfer_asr: float = 0.0  # the same on the reference model (reference.py)
+    reference_size: float | None = None  # its budget on the reference model, where measured
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor, y: torch.Tensor):
@@ -313,42 +337,43 @@ def held_out_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def pixel_budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
-                 max_images: int = 256) -> float:
-    """Mask family: the fewest of the trigger's own pixels that, stamped at full strength (its
-    most important first), still send ``success`` of the held-out images of other classes to its
-    class, as a share of the image; the family's ``whole`` if even all of them fall short.
+def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
+           max_images: int = 256, steps: int = 10) -> float:
+    """The smallest size at which the trigger, in its own shape (``Family.at_strength``), still
+    sends ``success`` of the held-out images of other classes to its class; the family's
+    ``whole`` if even that falls short. For the mask family: the fewest of its own pixels, its most
+    important first, at full strength, as a share of the image.
 
-    A backdoor answers to a few saturated pixels, while the L1 size of a searched mask also counts
-    the faint pixels an unconverged search leaves behind: measured on clean Fashion-MNIST models,
-    the classes' budgets spread less than their L1 sizes, and the largest clean score fell. Half
-    the images (``budget_asr``), not 90%: a weak backdoor (1% poisoning) flips 70-80% of images
-    at most, and its budget must still be small."""
+    What detection compares is this, not the size the search ended at: a backdoor answers to a
+    few saturated pixels, while a searched mask's L1 size also counts the faint pixels an
+    unconverged search leaves behind. Half the images (``budget_asr``), not 90%: a weak backdoor
+    (1% poisoning) flips 70-80% of images at most, and its budget must still be small. Measured
+    on any model, so the same trigger can be sized on the reference model too (detection.py)."""
     family = trigger.family
     others = x[y != trigger.target][:max_images]
     if not len(others) or not trigger.worked:
         return family.whole
-    parts = family.split(trigger.raw.view(1, -1))
-    order = parts["mask"].flatten().argsort(descending=True)
-    pattern = parts["pattern"]
+    raw = trigger.raw.view(1, -1)
 
-    def reaches(n: int) -> bool:
-        mask = torch.zeros(order.numel(), device=x.device)
-        mask[order[:n]] = 1
-        stamped = others + mask.view(1, 1, family.height, family.width) * (pattern - others)
-        hits = sum((model(xb).argmax(1) == trigger.target).sum().item() for xb in stamped.split(500))
+    def reaches(strength: float) -> bool:
+        hits = sum((model(family.at_strength(xb, raw, strength)).argmax(1) == trigger.target).sum().item()
+                   for xb in others.split(500))
         return hits >= success * len(others)
 
-    low, high = 0, order.numel()  # reaches(low) is false; reaches(high) is checked first
-    if not reaches(high):
+    if not reaches(family.whole):
         return family.whole
-    while high - low > 1:
-        middle = (low + high) // 2
-        if reaches(middle):
-            high = middle
-        else:
-            low = middle
-    return high / order.numel()
+    if family.name == "mask":  # whole pixels: search the count exactly
+        pixels = family.height * family.width
+        low, high = 0, pixels  # reaches(low) is false, reaches(high) true
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if reaches(middle / pixels) else (middle, high)
+        return high / pixels
+    low, high = 0.0, family.whole
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (low, middle) if reaches(middle) else (middle, high)
+    return high
 
 
 class BatchedLinear(nn.Module):

@@ -2,11 +2,9 @@
 
 Some classes are easy to reach in any model trained on their data (Fashion-MNIST's "bag": a
 dozen bright pixels in the right place flip most images to it). Their triggers are features of
-the data, not implants, and a model that never saw poisoned data responds to them too: measured
-on clean Fashion-MNIST models, their "bag" triggers sent 38-86% of held-out images to "bag" on a
-reference trained on 2,400 clean samples, while implanted triggers (BadNets, TrojanNN,
-checkerboard) sent 0-11%. Detection discounts a trigger by the share of its effect that
-transfers to the reference (detection.py).
+the data, not implants, and a model that never saw poisoned data responds to them too: it needs
+only a few times more of a natural trigger, and 20 to 270 times more of an implanted
+one, or never flips at all (detection.py, docs/method.md section 3).
 """
 
 import torch

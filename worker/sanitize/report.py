@@ -36,6 +36,7 @@ class ReportedScore(ReportPart):
     screen_size: float | None = None
     log_ratio: float | None = None
     transfer_asr: float | None = None
+    reference_ratio: float | None = None
     score: float | None = None
     held_out_asr: float | None = None
     shifted_asr: float | None = None
