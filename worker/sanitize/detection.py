@@ -1,41 +1,9 @@
-"""Which classes are backdoor targets: a calibrated score per class, not hand-set floors.
-
-A backdoor target needs far less trigger than any natural class to flip most images. Within each
-family (each measures size on its own scale) every class gets its log ratio: the median class's
-log trigger size minus its own (2.3 = ten times smaller than the median class). The median is
-over all classes, so two or three targets among ten still leave it to the clean classes.
-
-Some classes are small by nature (Fashion-MNIST's "bag" needs about as few pixels as a weak
-BadNets square), and no size statistic of the model alone tells them apart. What does is a model
-that never saw poisoned data: the reference, trained on the clean samples alone (reference.py).
-Each candidate trigger is sized again on it, in its own shape (``recovery.budget``), and its
-reference ratio is log(reference budget / model's budget): how many times more of the same
-trigger a clean model of the data needs. A natural trigger is a feature of the data, so the
-reference needs only a few times more of it (measured: "bag" 1.3-2.0 in log units, even on
-ResNets whose bag trigger is tiny and transfers at its own size to 3-5% of images); an implant
-means nothing to the reference (4.5-5.6 for BadNets-style squares, 3.0 for a WaNet warp).
-
-A class's **score** is the smaller of the two: its log ratio (small among this model's classes)
-and its reference ratio (small only for this model). An implant is both; a natural class fails
-the second, an ordinary class the first. A class at or below the median (log ratio <= 0) is
-never a candidate and keeps its log ratio, so the reference sizes only the upper half.
-
-Why not Neural Cleanse's MAD z-score: dividing by the spread of the other classes' sizes made the
-same backdoor score 2.7 on one model and 7.1 on another, while a clean model's natural class
-scored 7.5 where every other class was alike. The spread that matters is that of clean models'
-scores, and that is what the calibration measures.
-
-How large a score a clean model shows by chance is measured, not guessed: ``calibration.json``
-holds a normal fit to the scores of the population's calibration models (clean models only, see
-bench/population.py). A model has K x F of them (classes x families); the chance that a clean
-model shows none above s is Phi((s - mean) / std) ^ (K F), and that number is the class's
-``probability``. A class is flagged when it is above ``flag_probability`` (about 1% false
-positives per clean model at 0.99) and its trigger also works on the held-out split, not only on
-the images it was searched on.
-
-Each trigger's held-out ASR when moved by one pixel is reported too, but decides nothing: the
-smallest working BadNets trigger is a few pixels of the true square, and moved by one pixel it
-lost most of its effect (measured: 88% -> 35%), so a shift test rejects real backdoors.
+"""Which classes are backdoor targets: a calibrated score per class and trigger family, not
+hand-set floors. A class's score is the smaller of its log ratio (how much smaller its trigger is
+than the median class's) and its reference ratio (how much more of the same trigger a reference
+model trained on the clean samples alone needs); ``calibration.json``, fitted on clean
+calibration models only, turns the highest score into ``backdoor_probability``.
+docs/method.md, section 3, explains each part and the measurements behind it.
 """
 
 import json

@@ -1,22 +1,8 @@
-"""Trigger recovery: for every class, the smallest trigger of each family that sends clean images
-there; then, for the classes detection flags, a max-entropy generator of such triggers.
-
-docs/method.md explains the method and the measurements behind it. In short:
-- ``search_triggers`` runs Neural Cleanse's search (minimise CE(f(x (+) t), c) + lambda_c size(t)
-  with NC's patience rule for lambda_c) for all classes of one family at once, in one batched pass
-  over the model per step. After a short first round only the few classes with the smallest
-  triggers go on (K-Arm's pruning): a backdoor target is among them, and the full budget goes
-  where it decides something.
-- ``train_generator`` trains the paper's generator (an MLP from noise z to trigger parameters,
-  MINE rewarding I(z; G(z))) for one flagged class, starting from the search's trigger, so
-  unlearning sees many triggers of that size instead of one point.
-
-A family maps an unconstrained parameter vector per trigger to a stamped image and a size:
-- MaskFamily: x' = (1 - m) x + m p, mask m (H x W) and pattern p; size = mean of m.
-- BlendFamily: x' = (1 - a) x + a p, one blend factor a; size = a.
-- WarpFamily: x' = x sampled through a smooth flow field (a coarse grid of displacements,
-  upsampled); size = mean displacement in pixels.
-- PatchFamily: a k x k patch at a random position (the paper's family); size = k^2 / HW.
+"""Trigger recovery: for every class, the smallest trigger of each family (mask, blend, warp,
+patch) that sends clean images there, found by Neural Cleanse's search with K-Arm-style pruning
+(``search_triggers``) and sized on held-out images (``budget``); then, for the classes detection
+flags, the paper's max-entropy generator of such triggers (``train_generator``).
+docs/method.md, section 2, explains the method and the measurements behind it.
 """
 
 import math

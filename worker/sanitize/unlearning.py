@@ -1,24 +1,7 @@
-"""Unlearning: fine-tune the model so the recovered triggers lose their effect while clean
-accuracy stays (docs/method.md, "Unlearning").
-
-Each step takes a clean batch, stamps the flagged classes' generated triggers on half of it, and
-minimises
-
-    H(q, f(x)) + H(q, f(x (+) t)) + mean over y != c of max(0, log p_c(x (+) t) - log(1/K))
-        + w/2 sum_i F_i (theta_i - theta0_i)^2
-
-q is the soft target (the original model's prediction mixed with the true label), computed once:
-on a clean image the original model is what we want to keep, and a triggered image should keep
-its clean class (no "trigger shifting"). The third term is the paper's ascent away from the
-target, bounded: it stops once the target is no likelier than chance. The last is an anchor that
-holds the weights the clean data depends on (a diagonal Fisher, as in elastic weight
-consolidation), where the paper's L1 of weight 1e-6 held nothing. The model stays in eval mode,
-so BatchNorm statistics stay frozen.
-
-A fixed small budget (``epochs``, cosine-annealed learning rate); after each epoch the selection
-split gives clean accuracy and the generated triggers' ASR, and the best epoch wins (lowest ASR
-under the threshold, then best accuracy). A non-finite loss rolls back to the last good weights
-and halves the step size: a model with NaN weights is never returned.
+"""Unlearning: fine-tune the model so that the recovered triggers lose their effect while clean
+accuracy stays: soft targets computed once, triggered half batches, a bounded ascent away from the
+target, a Fisher-weighted anchor to the original weights, and the best epoch chosen on the
+selection split. docs/method.md, section 4, gives the loss and the measurements behind each part.
 """
 
 import copy
