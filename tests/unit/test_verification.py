@@ -99,7 +99,7 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert attack_success(torch.jit.load(str(files["backdoored"])), x, y) > 0.9
     report = run(files, "backdoored", tmp_path)
     assert report["verdict"] == "removed" and TARGET in report["detected_targets"]
-    assert report["verification"]["backdoor_probability"] < 0.95
+    assert report["verification"]["backdoor_probability"] < SanitizeConfig().detection.suspicious_probability
     assert attack_success(torch.jit.load(str(tmp_path / "model.pt")), x, y) < 0.1
 
 

@@ -35,7 +35,7 @@ class RecoveryConfig(Strict):
 
 class DetectionConfig(Strict):
     flag_probability: float = Field(0.99, gt=0, lt=1, description="calibrated probability that flags a class")
-    suspicious_probability: float = Field(0.95, gt=0, lt=1, description="probability above which an unflagged model is reported suspicious")
+    suspicious_probability: float = Field(0.8, gt=0, lt=1, description="probability above which an unflagged model is reported suspicious")
     min_held_out_asr: float = Field(0.5, ge=0, le=1, description="held-out ASR a flagged trigger must reach")
     budget_asr: float = Field(0.5, gt=0, le=1, description="held-out ASR at which a mask trigger's pixel budget is measured")
     reference_epochs: int = Field(10, ge=1, le=200, description="epochs of the reference model trained on the clean samples")
