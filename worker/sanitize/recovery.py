@@ -482,8 +482,10 @@ def train_generator(model, found: FoundTrigger, x: torch.Tensor, y: torch.Tensor
         L_G = -mean(min(log p_c(x (+) G(z)), log beta)) + lambda * relu(size(G(z)) - s) - alpha I(z; G(z))
 
     The hinge stops pushing once a trigger is good enough, and triggers may not grow beyond the
-    size s the search found, so MINE spreads the generator over many triggers of that size."""
+    size s of the search's trigger, so MINE spreads the generator over many triggers of that size.
+    (s on the search's scale: ``found.size`` is detection's held-out budget, another measure.)"""
     torch.manual_seed(seed)
+    start_size = found.family.size(found.raw.view(1, -1)).detach()
     fixed = 1 if found.family.name == "blend" else 0  # one blend factor per class, not per z
     generator = TriggerGenerator(found.raw, cfg.noise_dim, cfg.hidden, fixed=fixed).to(x.device)
     mine = MutualInformation(StatisticsNetwork(cfg.noise_dim, found.family.dim).to(x.device))
@@ -498,7 +500,7 @@ def train_generator(model, found: FoundTrigger, x: torch.Tensor, y: torch.Tensor
         others = (y[idx] != found.target).float()
         log_p = logits.log_softmax(-1)[0, :, found.target]
         hinge = (log_p.clamp(max=math.log(cfg.hinge)) * others).sum() / others.sum().clamp(min=1)
-        growth = F.relu(found.family.size(t[0]) - found.size).mean()
+        growth = F.relu(found.family.size(t[0]) - start_size).mean()
         loss = -hinge + 10 * growth - cfg.mi_weight * mine.estimate(z, t).sum()
         opt_g.zero_grad()
         loss.backward()
