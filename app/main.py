@@ -19,7 +19,7 @@ from app.core.security import ensure_api_key
 from app.core.db import make_engine, make_sessions
 from app.core.metrics import make_registry
 from app.api.problems import install_problem_handlers
-from app.core.storage import LocalArtifactStore
+from app.core.storage import make_artifact_store
 from app.ui.routes import router as ui_router
 from app.core.job_queue import JobQueue
 from worker.sanitize import __version__
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BAERASE", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.settings, app.state.engine, app.state.sessions = settings, engine, sessions
-    app.state.store = LocalArtifactStore(settings.artifact_dir)
+    app.state.store = make_artifact_store(settings)
     app.state.known_keys = TTLCache(KNOWN_KEY_TTL_S)  # key hash -> tenant
     app.state.recent_views = TTLCache(settings.status_cache_s)  # job id -> (tenant id, its JSON)
     app.state.job_queue = JobQueue(settings) if settings.broker_url else None

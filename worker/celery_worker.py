@@ -24,7 +24,7 @@ from celery.utils.log import current_process_index
 from app.core.config import Settings
 from app.core.db import make_engine, make_sessions
 from app.core.job_queue import QUEUE, RUN_JOB_TASK, make_celery
-from app.core.storage import LocalArtifactStore
+from app.core.storage import make_artifact_store
 from worker.runner import run_job
 from worker.sweeper import sweep_forever
 
@@ -44,7 +44,7 @@ def run_job_task(job_id: str) -> None:
 def job_runtime():
     """This pool process's database engine and artifact store, made in it: database connections
     must not be shared across a fork."""
-    return make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir)
+    return make_sessions(make_engine(settings.database_url)), make_artifact_store(settings)
 
 
 def serve(devices: list[str]) -> None:

@@ -27,7 +27,7 @@ from app.core.db import UNAVAILABLE, Sessions, make_engine, make_sessions, retry
 from app.core.lifecycle import Claim
 from app.core.logging_setup import job_context
 from app.core.models import JobStatus, utcnow
-from app.core.storage import ArtifactStore, LocalArtifactStore
+from app.core.storage import ArtifactStore, make_artifact_store
 from app.core.webhooks import deliver_due
 from worker.sandbox import (Limits, ResourceLimitExceeded, SandboxError, TimeLimitExceeded,
                             run_sanitize_sandboxed)
@@ -53,8 +53,7 @@ def serve_polling(settings: Settings, device: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds like Ctrl-C: requeue, stop
     try:
-        run_queued_jobs(make_sessions(make_engine(settings.database_url)), LocalArtifactStore(settings.artifact_dir),
-                        settings)
+        run_queued_jobs(make_sessions(make_engine(settings.database_url)), make_artifact_store(settings), settings)
     except KeyboardInterrupt:
         pass
 
@@ -115,9 +114,11 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     with JobTracker(sessions, job_claim, settings.heartbeat_interval_s) as tracker, \
             tempfile.TemporaryDirectory(prefix="baerase-job-") as out:
         try:
-            report = run_sanitize_sandboxed(store.local_path(model.key), store.local_path(samples.key),
-                                            Path(out), SanitizeConfig(**config), tracker.progress,
-                                            tracker.check_cancel, job_limits(settings), settings.sandbox_required)
+            # A remote store downloads the inputs here, and removes the copies once the job ends.
+            with store.local_copy(model.key) as model_path, store.local_copy(samples.key) as samples_path:
+                report = run_sanitize_sandboxed(model_path, samples_path, Path(out), SanitizeConfig(**config),
+                                                tracker.progress, tracker.check_cancel, job_limits(settings),
+                                                settings.sandbox_required)
             status = lifecycle.succeed(sessions, store, settings, job_claim, Path(out), report, model)
         except ClaimLost:
             status = None

@@ -73,13 +73,13 @@ def sweep_forever() -> None:
 
     from app.core.db import make_engine, make_sessions
     from app.core.job_queue import JobQueue
-    from app.core.storage import LocalArtifactStore
+    from app.core.storage import make_artifact_store
 
     set_pdeathsig("SIGTERM")  # dies with its worker, even one killed with SIGKILL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweeper %(levelname)s %(message)s")
     settings = Settings()
     sessions, queue = make_sessions(make_engine(settings.database_url)), JobQueue(settings)
-    store = LocalArtifactStore(settings.artifact_dir)
+    store = make_artifact_store(settings)
     while True:
         try_sweep(sessions, store, settings, queue.announce)
         time.sleep(settings.sweep_interval_s)

@@ -1,4 +1,4 @@
-"""Turning a received upload (app/api/uploads.py) into a queued job: the config's checks, the
+"""Turning a received upload or fetched URL (app/api/uploads.py) into a queued job: the config's checks, the
 tenant's limit on active jobs, and Idempotency-Key replays. Refusals are problem details."""
 
 import hashlib
@@ -16,7 +16,7 @@ from app.core.config import Settings
 from app.core.metrics import add_to_counter
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant
 from app.core.storage import ArtifactStore
-from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url
+from app.core.webhook_urls import UnsafeUrl, check_webhook_url
 from worker.sanitize.architecture_names import ARCHITECTURE_HELP
 from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.config_json import describe_invalid_config, parse_config_json
@@ -52,7 +52,7 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
     if webhook_url:
         try:
             check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
-        except UnsafeWebhookUrl as e:
+        except UnsafeUrl as e:
             raise Problem(422, f"invalid config: config.webhook_url: {e}",
                           errors=[{"loc": "config.webhook_url", "msg": str(e)}]) from None
     fmt = model_format(form.model.staged.path, form.model.filename)
@@ -74,7 +74,7 @@ def submit_job(session: Session, store: ArtifactStore, tenant: Tenant, form: Job
                     .execution_options(synchronize_session=False))
     check_active_jobs(session, tenant, settings.max_active_jobs_per_tenant)
     job = Job(id=uuid.uuid4(), tenant_id=tenant.id, config=config, webhook_url=webhook_url,
-              model_format=fmt)
+              model_format=fmt, model_source=form.model_source)
     folder = f"jobs/{job.id}"
     try:
         for role, part, suffix in ((ArtifactRole.model, form.model, MODEL_SUFFIXES[fmt]),

@@ -1,5 +1,7 @@
 """Receiving a job's files: the multipart body is parsed as it streams in, each file goes chunk by
-chunk into a staged file of the artifact store, and the files are then checked by their bytes.
+chunk into a staged file of the artifact store, and the files are then checked by their bytes. A
+file named by URL instead (``model_url``, ``samples_url``) is fetched into a staged file by
+app/core/remote_inputs.py, within the same size limits, and checked the same way.
 
 The checks look at structure only (magic bytes, zip member names, the safetensors header), by
 the rules of worker/sanitize/formats.py, which the worker's loader applies too. No model is ever
@@ -8,7 +10,7 @@ deserialized here: loading, with ``weights_only=True``, happens in the worker.
 
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import anyio
@@ -17,6 +19,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.api.problems import Problem
+from app.core.config import Settings
+from app.core.remote_inputs import RemoteInputError, TooLarge, fetch_input
 from app.core.storage import ArtifactStore, StagedFile
 from worker.sanitize import formats
 from worker.sanitize.errors import InputError
@@ -24,6 +28,9 @@ from worker.sanitize.formats import HEAD_BYTES, MODEL_HELP, SAMPLES_HELP, is_zip
 from worker.sanitize.sample_sizes import inspect_samples
 
 MAX_CONFIG_BYTES = 64 * 1024
+# model_url, samples_url: presigned URLs run to 1-2 KiB.
+MAX_URL_BYTES = 8 * 1024
+TEXT_LIMITS = {"config": MAX_CONFIG_BYTES, "model_url": MAX_URL_BYTES, "samples_url": MAX_URL_BYTES}
 # The headers of one part (Content-Disposition, Content-Type): a few hundred bytes in practice;
 # the parser would otherwise buffer a header of any length in memory.
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -44,7 +51,12 @@ class FilePart:
 class JobForm:
     model: FilePart | None = None
     samples: FilePart | None = None
-    config_text: bytearray | None = None
+    texts: dict[str, bytearray] = field(default_factory=dict)  # config, model_url, samples_url
+    model_source: str | None = None  # the URL the model was fetched from, secrets left out
+
+    @property
+    def config_text(self) -> bytearray | None:
+        return self.texts.get("config")
 
     def files(self) -> list[FilePart]:
         return [part for part in (self.model, self.samples) if part is not None]
@@ -66,7 +78,7 @@ class JobFormParser:
         self.headers: dict[bytes, bytes] = {}
         self.header_name = self.header_value = b""
         self.header_bytes = 0
-        self.current: FilePart | bytearray | None = None
+        self.current: FilePart | str | None = None  # the file part, or the text field's name
 
     def on_part_begin(self) -> None:
         self.headers = {}
@@ -104,25 +116,26 @@ class JobFormParser:
                             PurePosixPath(filename.replace("\\", "/")).name or name, self.limits[name])
             setattr(self.form, name, part)
             self.current = part
-        elif name == "config":
-            if self.form.config_text is not None:
-                raise Problem(422, "the form has two 'config' fields; send one")
-            self.form.config_text = self.current = bytearray()
+        elif name in TEXT_LIMITS:
+            if name in self.form.texts:
+                raise Problem(422, f"the form has two '{name}' fields; send one")
+            self.form.texts[name] = bytearray()
+            self.current = name
         else:
-            raise Problem(422, f"unexpected form field {name!r}; send model, samples and config")
+            raise Problem(422, f"unexpected form field {name!r}; send model (or model_url), samples "
+                               "(or samples_url) and config")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        if isinstance(self.current, bytearray):
-            if len(self.current) + len(chunk) > MAX_CONFIG_BYTES:
-                raise Problem(413, f"config is larger than {MAX_CONFIG_BYTES // 1024} KiB")
-            self.current += chunk
+        if isinstance(self.current, str):
+            text = self.form.texts[self.current]
+            if len(text) + len(chunk) > TEXT_LIMITS[self.current]:
+                raise Problem(413, f"{self.current} is larger than {TEXT_LIMITS[self.current] // 1024} KiB")
+            text += chunk
             return
         part = self.current
         if part.staged.size + len(chunk) > part.limit:
-            raise Problem(413, f"{part.filename} is larger than the {format_bytes(part.limit)} limit "
-                               f"for the {part.field}; send a smaller file, or ask the operator to "
-                               f"raise BAERASE_MAX_{part.field.upper()}_BYTES")
+            raise too_large(part.filename, part.field, part.limit)
         if len(part.head) < HEAD_BYTES:
             part.head += chunk[:HEAD_BYTES - len(part.head)]
             if len(part.head) == HEAD_BYTES:
@@ -142,14 +155,15 @@ class JobFormParser:
             "on_headers_finished", "on_part_data", "on_part_end")}
 
 
-async def receive_job_form(request: Request, store: ArtifactStore, max_model_bytes: int,
-                           max_samples_bytes: int) -> JobForm:
-    """Streams the multipart body into staged files; on any error nothing is left behind."""
+async def receive_job_form(request: Request, store: ArtifactStore, settings: Settings) -> JobForm:
+    """Streams the multipart body into staged files, and fetches the files it names by URL;
+    on any error nothing is left behind."""
+    max_model_bytes, max_samples_bytes = settings.max_model_bytes, settings.max_samples_bytes
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not BOUNDARY.fullmatch(options.get(b"boundary", b"")):
         raise Problem(415, "send the job as multipart/form-data (with a boundary of 1 to 70 "
-                           "characters, RFC 2046) with the fields model (file), samples (file) "
-                           "and config (JSON, optional)")
+                           "characters, RFC 2046) with the fields model (file) or model_url, samples "
+                           "(file) or samples_url, and config (JSON, optional)")
     declared = request.headers.get("content-length")
     limit = max_model_bytes + max_samples_bytes + MAX_CONFIG_BYTES + 64 * 1024  # + multipart framing
     if declared and declared.isdigit() and int(declared) > limit:
@@ -158,25 +172,78 @@ async def receive_job_form(request: Request, store: ArtifactStore, max_model_byt
                            f"{format_bytes(max_samples_bytes)}")
     parser = JobFormParser(store, max_model_bytes, max_samples_bytes)
     multipart = MultipartParser(options[b"boundary"], parser.callbacks())
+    form = parser.form
     try:
         async for chunk in request.stream():
             # The parser writes file chunks to disk: keep that off the event loop.
             await anyio.to_thread.run_sync(multipart.write, chunk)
         multipart.finalize()
+        for part in form.files():
+            part.staged.close()
+        urls = {name: url_field(form, name) for name in ("model", "samples")}
+        check_complete(form, urls)
+        for name, url in urls.items():
+            if url:
+                await anyio.to_thread.run_sync(fetch_file, form, name, url, store, parser.limits[name], settings)
     except BaseException as e:
-        parser.form.discard()
+        form.discard()
         if isinstance(e, FormParserError):
             raise Problem(400, f"the multipart body is malformed ({e}); send a multipart/form-data "
                                "body as RFC 7578 describes, e.g. with curl -F") from None
         raise
-    for part in parser.form.files():
-        part.staged.close()
-    if parser.form.model is None or parser.form.samples is None:
-        parser.form.discard()
-        missing = [name for name in ("model", "samples") if getattr(parser.form, name) is None]
+    return form
+
+
+def check_complete(form: JobForm, urls: dict[str, str | None]) -> None:
+    """Each input must come once: as a file or by URL."""
+    for name, url in urls.items():
+        if url and getattr(form, name) is not None:
+            raise Problem(422, f"the form has both {name} and {name}_url; send one of them")
+    missing = [name for name, url in urls.items() if getattr(form, name) is None and not url]
+    if missing:
         raise Problem(422, f"the form lacks {' and '.join(missing)}: send the model and the samples "
-                           "as files, e.g. curl -F model=@model.pt -F samples=@clean.npz")
-    return parser.form
+                           "as files, e.g. curl -F model=@model.pt -F samples=@clean.npz, or name "
+                           "them by URL, e.g. -F model_url=https://host/model.pt")
+
+
+def url_field(form: JobForm, name: str) -> str | None:
+    """The ``<name>_url`` field's text, if sent and not blank."""
+    text = form.texts.get(f"{name}_url")
+    if text is None:
+        return None
+    try:
+        return text.decode().strip() or None
+    except UnicodeDecodeError:
+        raise Problem(422, f"{name}_url is not UTF-8 text; send the URL as plain text") from None
+
+
+def fetch_file(form: JobForm, name: str, url: str, store: ArtifactStore, limit: int, settings: Settings) -> None:
+    """Fetches ``<name>_url`` into a staged file of ``form``, and checks its first bytes as an
+    upload's are checked (the rest of the checks are the same for both, at submit)."""
+    staged = store.stage()
+    try:
+        fetched = fetch_input(url, staged, limit, settings)
+    except RemoteInputError as e:
+        staged.discard()
+        if isinstance(e, TooLarge):
+            raise too_large(f"the file at {name}_url", name, limit) from None
+        raise Problem(e.status, f"{name}_url: {e}",
+                      errors=[{"loc": f"{name}_url", "msg": str(e)}]) from None
+    except BaseException:
+        staged.discard()
+        raise
+    part = FilePart(name, staged, fetched.filename or name, limit)
+    setattr(form, name, part)
+    if name == "model":
+        form.model_source = fetched.source
+    with open(staged.path, "rb") as file:
+        part.head = file.read(HEAD_BYTES)
+    check_head(part)
+
+
+def too_large(filename: str, field: str, limit: int) -> Problem:
+    return Problem(413, f"{filename} is larger than the {format_bytes(limit)} limit for the {field}; "
+                        f"send a smaller file, or ask the operator to raise BAERASE_MAX_{field.upper()}_BYTES")
 
 
 def check_head(part: FilePart) -> None:

@@ -5,6 +5,7 @@ BAERASE_DATABASE_URL at PostgreSQL (postgresql+psycopg://...) and BAERASE_BROKER
 production: the API then queues Celery tasks, and `baerase worker` runs them (worker/celery_worker.py).
 """
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +23,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("baerase-data"), description="home of the default database and artifacts")
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir")
     artifact_dir: Path | None = Field(None, description="uploads and results; default: data_dir/artifacts")
+    artifact_store_url: str | None = Field(None, description="s3://BUCKET/PREFIX: keep the artifacts in S3 "
+                                           "or an S3-compatible store instead of artifact_dir, so workers "
+                                           "on several hosts need no shared disk (credentials from the "
+                                           "usual AWS_* variables); unset or empty: artifact_dir")
+    s3_endpoint_url: str | None = Field(None, description="the S3 API of an S3-compatible server (MinIO, "
+                                        "Ceph, R2, ...), for the artifact store and s3:// inputs; unset: AWS")
     broker_url: str | None = Field(None, description="Celery broker (production mode); unset or empty: "
                                    "workers poll the database")
     api_key: SecretStr | None = Field(None, description="bootstraps this key for api_key_tenant at start-up")
@@ -73,17 +80,34 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         [], description="comma-separated host names, addresses or networks (10.0.0.0/8) that webhooks "
         "may reach although they are not public; by default only public addresses")
+    input_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="comma-separated host names, addresses or networks that model_url and "
+        "samples_url may fetch from over http(s) although they are not public; by default only public "
+        "addresses")
+    input_buckets: Annotated[list[str], NoDecode] = Field(
+        [], description="comma-separated buckets (s3://NAME, gs://NAME) whose objects model_url and "
+        "samples_url may name: they are read with the service's own credentials; by default none "
+        "(tenants send presigned https:// URLs)")
+    input_url_timeout_s: float = Field(300.0, gt=0, description="how long fetching one model_url or "
+                                       "samples_url may take at most")
     log_format: Literal["text", "json"] = Field("text", description="serve and worker logs: text, or "
                                                 "json (one object a line, with job_id and tenant)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="a worker serves "
                                             "Prometheus metrics on this port; unset: none")
 
-    @field_validator("webhook_allowed_hosts", mode="before")
+    @field_validator("webhook_allowed_hosts", "input_url_allowed_hosts", "input_buckets", mode="before")
     @classmethod
     def split_hosts(cls, value):
         if isinstance(value, str):  # from the environment: a comma-separated list
             return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("artifact_store_url")
+    @classmethod
+    def check_store_url(cls, value):
+        if value and not re.fullmatch(r"s3://[^/]+(/.*)?", value):
+            raise ValueError("artifact_store_url must be s3://BUCKET or s3://BUCKET/PREFIX")
         return value
 
     @model_validator(mode="after")
@@ -93,6 +117,8 @@ class Settings(BaseSettings):
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
         self.broker_url = self.broker_url or None  # BAERASE_BROKER_URL= (empty) means no broker
+        self.artifact_store_url = self.artifact_store_url or None
+        self.s3_endpoint_url = self.s3_endpoint_url or None
         return self
 
     @model_validator(mode="after")

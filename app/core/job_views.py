@@ -66,6 +66,8 @@ class JobView(BaseModel):
     error: JobError | None
     result: JobResult | None
     model_format: str = Field(description="torchscript | state_dict | safetensors")
+    model_source: str | None = Field(None, description="where the model was fetched from (model_url), "
+                                     "without credentials or query string; null for an upload")
     inputs: dict[str, InputFile]
     config: dict
     webhook_url: str | None
@@ -97,7 +99,7 @@ def job_view(job: Job) -> JobView:
         cancel_requested=job.cancel_requested, attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=job_result(job_report(job)) if job.status == JobStatus.succeeded else None,
-        model_format=job.model_format, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
+        model_format=job.model_format, model_source=job.model_source, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
         links=JobLinks(self=path, cancel=f"{path}/cancel", model=f"{path}/model",
                        triggers=f"{path}/triggers", report=f"{path}/report", webhooks=f"{path}/webhooks"),
     )

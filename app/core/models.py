@@ -122,6 +122,9 @@ class Job(Base):
     config: Mapped[dict] = mapped_column(JSON)  # SanitizeConfig, defaults filled in
     webhook_url: Mapped[str | None] = mapped_column(Text)
     model_format: Mapped[str] = mapped_column(String(16))  # torchscript | state_dict | safetensors
+    # The URL or URI the model was fetched from (model_url), credentials and query string left
+    # out; None for an uploaded model.
+    model_source: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict | None] = mapped_column(JSON, deferred=True)  # report.json, once succeeded
     # When retention removed its files (models, samples, trigger pictures); the record stays.
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -33,7 +33,7 @@ from app.core.db import Sessions
 from app.core.security import WEBHOOK_SECRET_PREFIX, signing_secrets
 from app.core.models import DeliveryStatus, Job, Tenant, WebhookDelivery, utcnow
 from app.core.job_views import job_view
-from app.core.webhook_urls import UnsafeWebhookUrl, check_webhook_url, without_credentials
+from app.core.webhook_urls import UnsafeUrl, check_webhook_url, send_checked, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -120,30 +120,18 @@ def post(delivery: WebhookDelivery, secrets: list[str], settings: Settings) -> t
     Redirects count as failures, as the spec advises (and a redirect could point anywhere)."""
     try:
         target = check_webhook_url(delivery.url, settings.webhook_allowed_hosts)
-    except UnsafeWebhookUrl as e:
+    except UnsafeUrl as e:
         return None, f"refused: {e}"[:500]
     timestamp = int(utcnow().timestamp())
     headers = {"content-type": "application/json", "user-agent": "baerase-webhook",
                "webhook-id": delivery.message_id, "webhook-timestamp": str(timestamp),
                "webhook-signature": " ".join(sign(secret, delivery.message_id, timestamp, delivery.payload)
-                                             for secret in secrets),
-               "host": target.url.netloc.decode("ascii")}
-    # Connect to the addresses just checked, not to whatever a second DNS lookup would answer;
-    # the host name still goes into the Host header and TLS (SNI and certificate check).
-    # trust_env=False: a proxy from the environment would make its own connection.
+                                             for secret in secrets)}
     with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
-        for address in target.addresses:
-            try:
-                response = client.post(target.url.copy_with(host=str(address)), headers=headers,
-                                       content=delivery.payload.encode(),
-                                       extensions={"sni_hostname": target.url.host})
-                break
-            except httpx.ConnectError as e:  # the host's next address may answer
-                error = f"{type(e).__name__}: {e}"[:500]
-            except httpx.HTTPError as e:
-                return None, f"{type(e).__name__}: {e}"[:500]
-        else:
-            return None, error
+        try:
+            response = send_checked(client, target, "POST", headers=headers, content=delivery.payload.encode())
+        except httpx.HTTPError as e:
+            return None, f"{type(e).__name__}: {e}"[:500]
     if response.is_success:
         return response.status_code, None
     return response.status_code, f"the receiver answered {response.status_code}"

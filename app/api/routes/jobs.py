@@ -33,12 +33,15 @@ RETRY_AFTER_S = 2
 
 PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "problem details; detail says what to fix"}
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["model", "samples"],
+    "type": "object",
     "properties": {
         "model": {"type": "string", "format": "binary", "description":
                   "TorchScript archive, torch.save'd state_dict (.pt/.pth) or .safetensors"},
         "samples": {"type": "string", "format": "binary", "description":
                     ".npz with arrays x and y, or .zip of class folders of PNG/JPEG images"},
+        "model_url": {"type": "string", "description": "instead of model: where the service fetches "
+                      "it (https://, e.g. presigned; s3:// or gs:// from buckets the operator allows)"},
+        "samples_url": {"type": "string", "description": "instead of samples: where the service fetches them"},
         "config": {"type": "string", "description":
                    'JSON object of settings (docs/config.md) plus webhook_url, e.g. {"seed": 0}'},
     },
@@ -59,7 +62,7 @@ async def create_job(
         # may be one of those counted, and the answer is that job.
         await run_in_threadpool(in_session, sessions, submission.check_active_jobs, tenant,
                                 settings.max_active_jobs_per_tenant)
-    form = await receive_job_form(request, store, settings.max_model_bytes, settings.max_samples_bytes)
+    form = await receive_job_form(request, store, settings)
     try:
         view, replayed = await run_in_threadpool(in_session, sessions, submit_and_view, store, tenant,
                                                  form, idempotency_key, settings)
