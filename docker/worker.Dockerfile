@@ -30,7 +30,8 @@ RUN pip install \
         "httpx==0.28.1" \
         "jinja2==3.1.6" \
         "prometheus-client==0.26.0" \
-        "fastapi-offline==1.7.7"
+        "fastapi-offline==1.7.7" \
+        "s3fs==2026.9.0"
 
 WORKDIR /opt/baerase
 COPY pyproject.toml README.md alembic.ini ./

@@ -110,11 +110,13 @@ def test_env_example_documents_every_setting():
 
 
 def project_requirements() -> dict[str, Requirement]:
-    """What the service and its workers need: the client's dependencies and the service and
-    worker extras (without the extras' references to each other)."""
+    """What the service and its workers need: the client's dependencies, the service and worker
+    extras, and the further extras these name (s3)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    requirements = map(Requirement, project["dependencies"] + extras["service"] + extras["worker"])
+    requirements = [Requirement(r) for r in project["dependencies"] + extras["service"] + extras["worker"]]
+    named = {extra for r in requirements if r.name == "baerase" for extra in r.extras} - {"service", "worker"}
+    requirements += [Requirement(r) for extra in sorted(named) for r in extras[extra]]
     return {canonicalize_name(r.name): r for r in requirements if r.name != "baerase"}
 
 
