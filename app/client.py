@@ -23,6 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -155,21 +156,29 @@ class Client:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def submit(self, model: str | Path, samples: str | Path, config: dict | None = None, *,
+    def submit(self, model: str | Path | None = None, samples: str | Path | None = None,
+               config: dict | None = None, *, model_url: str | None = None, samples_url: str | None = None,
                idempotency_key: str | None = None) -> JobView:
-        """Uploads a model and clean samples (paths); ``config`` holds the settings of
-        docs/config.md and optionally ``webhook_url``. A retried upload carries the same
-        Idempotency-Key, so it cannot queue the job twice."""
-        model, samples = Path(model), Path(samples)
+        """Uploads a model and clean samples (paths), or has the server fetch either from a URL
+        instead (``model_url``, ``samples_url``: https://, e.g. presigned, or s3:// and gs://
+        where the operator allows); ``config`` holds the settings of docs/config.md and
+        optionally ``webhook_url``. A retried upload carries the same Idempotency-Key, so it
+        cannot queue the job twice."""
+        for name, path, url in (("model", model, model_url), ("samples", samples, samples_url)):
+            if (path is None) == (url is None):
+                raise ValueError(f"give either {name} (a file) or {name}_url, not {'both' if url else 'neither'}")
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         data = {"config": json.dumps(config)} if config is not None else None
+        # As parts without a file name: the form stays multipart/form-data even with no file.
+        urls = {f"{name}_url": (None, url) for name, url in (("model", model_url), ("samples", samples_url)) if url}
+        paths = {name: Path(path) for name, path in (("model", model), ("samples", samples)) if path is not None}
 
         def send() -> httpx.Response:
             # Opened per attempt: a retry must upload the files from their first byte.
-            with model.open("rb") as model_file, samples.open("rb") as samples_file:
-                return self.http.post("/jobs", headers=headers, data=data, files={
-                    "model": (model.name, model_file, "application/octet-stream"),
-                    "samples": (samples.name, samples_file, "application/octet-stream")})
+            with ExitStack() as stack:
+                files = {name: (path.name, stack.enter_context(path.open("rb")), "application/octet-stream")
+                         for name, path in paths.items()}
+                return self.http.post("/jobs", headers=headers, data=data, files=files | urls)
 
         return JobView.from_json(self.request(send).json())
 

@@ -21,8 +21,13 @@ def add_commands(commands) -> None:
                             "which keeps it out of the process list)")
 
     s = commands.add_parser("submit", parents=[connection], help="send a model to the service")
-    s.add_argument("model", type=Path, help="TorchScript archive, state_dict (.pt/.pth) or .safetensors")
-    s.add_argument("--samples", type=Path, required=True, help=".npz (x, y) or .zip of class folders")
+    s.add_argument("model", type=Path, nargs="?", help="TorchScript archive, state_dict (.pt/.pth) or "
+                   ".safetensors (or give --model-url)")
+    s.add_argument("--model-url", dest="model_url", help="instead of MODEL: a URL the server fetches the model "
+                   "from (https://, e.g. presigned; s3:// or gs:// where the operator allows)")
+    s.add_argument("--samples", type=Path, help=".npz (x, y) or .zip of class folders (or give --samples-url)")
+    s.add_argument("--samples-url", dest="samples_url", help="instead of --samples: a URL the server fetches "
+                   "the samples from")
     s.add_argument("--config", type=Path, help="JSON file of settings (docs/config.md), webhook_url too")
     s.add_argument("--wait", action="store_true", help="show progress until the job ends; exit code says how")
     s.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, help="with --wait: give up waiting after "
@@ -69,8 +74,11 @@ EXIT_BY_STATUS = {"succeeded": EXIT_SUCCEEDED, "failed": EXIT_FAILED, "cancelled
 
 
 def submit_command(args: argparse.Namespace) -> int:
-    for path in (args.model, args.samples):
-        if not path.is_file():
+    for path, url, path_option, url_option in ((args.model, args.model_url, "MODEL", "--model-url"),
+                                               (args.samples, args.samples_url, "--samples", "--samples-url")):
+        if (path is None) == (url is None):
+            return fail(f"give {path_option} or {url_option}, not {'both' if url else 'neither'}")
+        if path is not None and not path.is_file():
             return fail(f"{path} does not exist")
     if args.out and not args.wait:
         return fail("--out needs --wait (or fetch the results later: baerase download ID --out DIR)")
@@ -80,7 +88,8 @@ def submit_command(args: argparse.Namespace) -> int:
         return fail(str(e))
 
     def submit(client) -> int:
-        job = client.submit(args.model, args.samples, config)
+        job = client.submit(args.model, args.samples, config, model_url=args.model_url,
+                            samples_url=args.samples_url)
         print(f"submitted job {job.id}", file=sys.stderr, flush=True)
         if not args.wait:
             print(job.id)
