@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         "(tenants send presigned https:// URLs)")
     input_url_timeout_s: float = Field(300.0, gt=0, description="how long fetching one model_url or "
                                        "samples_url may take at most")
+    mlflow_tracking_uri: str | None = Field(None, description="the MLflow tracking server (http://host:5000) "
+                                            "whose models:/ and runs:/ URIs model_url may name, and where "
+                                            "their sanitized models are registered; unset: such URIs are "
+                                            "refused (docs/integrations.md, MLflow)")
+    public_url: str | None = Field(None, description="the URL clients reach the API at "
+                                   "(https://baerase.example.com), for links back to a job from elsewhere "
+                                   "(the MLflow tags); unset: none")
     log_format: Literal["text", "json"] = Field("text", description="serve and worker logs: text, or "
                                                 "json (one object a line, with job_id and tenant)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
