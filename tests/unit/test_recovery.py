@@ -159,6 +159,18 @@ def test_budget_is_the_least_of_a_trigger_in_its_own_shape_that_still_works():
                   trigger, x, y, success=0.5) == 1.0
 
 
+def test_budget_stops_counting_early_without_changing_its_answer():
+    # The blend factor lifts pixel (0, 0) over 0.5 sooner for darker images: each bisection step
+    # sits at a different share of images, some near the line.
+    torch.manual_seed(0)
+    x, y = torch.rand(300, 1, 6, 6) * 0.3, torch.zeros(300, dtype=torch.long)
+    x[:, 0, 0, 0] = torch.linspace(0.0, 0.45, 300)
+    blend = FoundTrigger(2, BlendFamily((1, 6, 6)), torch.cat([torch.zeros(1), torch.full((36,), 9.0)]), 0.5, 0.5, True)
+    for success in (0.1, 0.5, 0.9):
+        counted_whole = budget(PlantedBackdoor(), blend, x, y, success, chunk=10_000)
+        assert budget(PlantedBackdoor(), blend, x, y, success, chunk=7) == counted_whole
+
+
 class PlantedWarp(torch.nn.Module):
     """Predicts class 1 when the image is shifted right: a smooth warp, the WaNet kind."""
 

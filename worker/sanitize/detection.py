@@ -60,11 +60,11 @@ class ClassScore:
     family: str
     size: float
     log_ratio: float  # log(median class's size / this size), in its family
-    transfer_asr: float  # held-out ASR of the same trigger on the reference model, as it is
+    transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
     reference_ratio: float | None  # log(its budget on the reference / its budget here); None: not a candidate
     score: float  # min(log_ratio, reference_ratio): what the calibration judges
     asr: float  # held-out
-    shifted_asr: float
+    shifted_asr: float | None  # None: not a candidate
     probability: float
     flagged: bool
 

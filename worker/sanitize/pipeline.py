@@ -154,12 +154,12 @@ def detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classe
         found = search_triggers(model, family, x_train, y_train, num_classes, config.recovery, seed + i, on_step)
         for trigger in found:
             trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
-            trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
-            trigger.transfer_asr = held_out_asr(reference, trigger, x_hold, y_hold)
             trigger.size = budget(model, trigger, x_hold, y_hold, config.detection.budget_asr)
         for trigger, log_ratio in zip(found, log_ratios(found)):
             if log_ratio > 0:  # a candidate: is it as small for a clean model of the data?
                 trigger.reference_size = budget(reference, trigger, x_hold, y_hold, config.detection.budget_asr)
+                trigger.transfer_asr = held_out_asr(reference, trigger, x_hold, y_hold)
+                trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
@@ -183,12 +183,15 @@ def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold
 
 
 def score_rows(detection: Detection) -> list[ReportedScore]:
+    def rounded(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
     return [ReportedScore(class_=s.target, family=s.family, trigger_size=round(s.size, 5),
                           screen_size=round(detection.found[(s.target, s.family)].screen_size, 5),
-                          log_ratio=round(s.log_ratio, 3), transfer_asr=round(s.transfer_asr, 4),
-                          reference_ratio=None if s.reference_ratio is None else round(s.reference_ratio, 3),
+                          log_ratio=round(s.log_ratio, 3), transfer_asr=rounded(s.transfer_asr, 4),
+                          reference_ratio=rounded(s.reference_ratio, 3),
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
-                          shifted_asr=round(s.shifted_asr, 4), probability=round(s.probability, 4),
+                          shifted_asr=rounded(s.shifted_asr, 4), probability=round(s.probability, 4),
                           flagged=s.flagged)
             for s in detection.scores]
 

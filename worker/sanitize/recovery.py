@@ -215,8 +215,9 @@ class FoundTrigger:
     screen_size: float  # its smallest working size after the first round, when all classes had equal steps
     worked: bool  # whether any batch ever held the target
     asr: float = 0.0  # on the held-out split (filled in by ``held_out_asr``)
-    shifted_asr: float = 0.0  # the same, moved by one pixel
-    transfer_asr: float = 0.0  # the same on the reference model (reference.py)
+    # Measured for candidates only (detection.py): they decide nothing, and cost held-out passes.
+    shifted_asr: float | None = None  # the held-out ASR when moved by one pixel
+    transfer_asr: float | None = None  # the held-out ASR on the reference model (reference.py)
     reference_size: float | None = None  # its budget on the reference model, where measured
 
 
@@ -324,7 +325,7 @@ def held_out_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
-           max_images: int = 256, steps: int = 10) -> float:
+           max_images: int = 256, steps: int = 10, chunk: int = 32) -> float:
     """The smallest size at which the trigger, in its own shape (``Family.at_strength``), still
     sends ``success`` of the held-out images of other classes to its class; the family's
     ``whole`` if even that falls short. For the mask family: the fewest of its own pixels, its most
@@ -340,11 +341,18 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
     if not len(others) or not trigger.worked:
         return family.whole
     raw = trigger.raw.view(1, -1)
+    needed = success * len(others)
 
     def reaches(strength: float) -> bool:
-        hits = sum((model(family.at_strength(xb, raw, strength)).argmax(1) == trigger.target).sum().item()
-                   for xb in others.split(500))
-        return hits >= success * len(others)
+        # Stops as soon as the answer is certain: most strengths of the bisection are far from
+        # the line, and half the images or fewer decide them.
+        hits = misses = 0
+        for xb in others.split(chunk):
+            won = (model(family.at_strength(xb, raw, strength)).argmax(1) == trigger.target).sum().item()
+            hits, misses = hits + won, misses + len(xb) - won
+            if hits >= needed or misses > len(others) - needed:
+                break
+        return hits >= needed
 
     if not reaches(family.whole):
         return family.whole
