@@ -7,6 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from app.core.mlflow_models import Registration
 from app.core.models import ArtifactRole, Job, JobStatus
 from worker.sanitize.report import Report
 
@@ -68,6 +69,9 @@ class JobView(BaseModel):
     model_format: str = Field(description="torchscript | state_dict | safetensors")
     model_source: str | None = Field(None, description="where the model was fetched from (model_url), "
                                      "without credentials or query string; null for an upload")
+    registration: Registration | None = Field(None, description="for a model from MLflow (models:/, "
+                                              "runs:/), once succeeded: where the sanitized model was "
+                                              "registered, or why it was not")
     inputs: dict[str, InputFile]
     config: dict
     webhook_url: str | None
@@ -99,7 +103,9 @@ def job_view(job: Job) -> JobView:
         cancel_requested=job.cancel_requested, attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=job_result(job_report(job)) if job.status == JobStatus.succeeded else None,
-        model_format=job.model_format, model_source=job.model_source, inputs=inputs, config=job.config, webhook_url=job.webhook_url,
+        model_format=job.model_format, model_source=job.model_source,
+        registration=Registration.model_validate(job.model_registration) if job.model_registration else None,
+        inputs=inputs, config=job.config, webhook_url=job.webhook_url,
         links=JobLinks(self=path, cancel=f"{path}/cancel", model=f"{path}/model",
                        triggers=f"{path}/triggers", report=f"{path}/report", webhooks=f"{path}/webhooks"),
     )

@@ -125,6 +125,9 @@ class Job(Base):
     # The URL or URI the model was fetched from (model_url), credentials and query string left
     # out; None for an uploaded model.
     model_source: Mapped[str | None] = mapped_column(Text)
+    # For a model from MLflow (models:/, runs:/): where its sanitized model went, or why it did
+    # not (app/core/mlflow_models.py, Registration); written with the job's result.
+    model_registration: Mapped[dict | None] = mapped_column(JSON)
     report: Mapped[dict | None] = mapped_column(JSON, deferred=True)  # report.json, once succeeded
     # When retention removed its files (models, samples, trigger pictures); the record stays.
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

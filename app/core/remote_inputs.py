@@ -13,6 +13,8 @@ given and says what the file is called and where it came from:
 - ``s3://`` and ``gs://`` through fsspec (s3fs; gcsfs if installed), read with the service's own
   credentials: so only from the buckets the operator lists in ``input_buckets``, and never from
   the artifact store, which holds other tenants' files.
+- ``models:/`` and ``runs:/``: MLflow model URIs on the operator's tracking server
+  (app/core/mlflow_models.py).
 """
 
 import time
@@ -174,14 +176,24 @@ def fetch_from_bucket(url: str, sink: Sink, settings: Settings) -> FetchedInput:
     return FetchedInput(file_name(url), sink.what)
 
 
+def fetch_from_mlflow(url: str, sink: Sink, settings: Settings) -> FetchedInput:
+    # Imported here: that module imports this one.
+    from app.core.mlflow_models import fetch_model
+
+    return fetch_model(url, sink, settings)
+
+
 FETCHERS: dict[str, Fetcher] = {"https": fetch_http, "http": fetch_http,
-                                "s3": fetch_from_bucket, "gs": fetch_from_bucket}
+                                "s3": fetch_from_bucket, "gs": fetch_from_bucket,
+                                "models": fetch_from_mlflow, "runs": fetch_from_mlflow}
 
 
 def public_source(url: str) -> str:
     """The URL without user:password@, query string or fragment: a presigned URL's signature
     lives in its query string, and this is stored, logged and shown back."""
     parts = urlsplit(url)
+    if parts.scheme and not parts.netloc:  # models:/NAME/VERSION, runs:/RUN_ID/PATH
+        return f"{parts.scheme}:{parts.path}"
     host = parts.hostname or ""
     if ":" in host:  # IPv6
         host = f"[{host}]"
