@@ -22,6 +22,7 @@ seconds to import.
 
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -236,7 +237,10 @@ def register_sanitized(settings: Settings, source_uri: str, job_id: uuid.UUID, o
         run_id = client.create_run(experiment_for(client, source), tags=tags,
                                    run_name=f"baerase-{job_id}").info.run_id
         client.log_batch(run_id, metrics=report_metrics(report))
-        client.log_artifact(run_id, str(model_file), SANITIZED_MODEL_PATH)
+        with tempfile.TemporaryDirectory(prefix="baerase-mlflow-") as folder:
+            # Logged as model.<ext> whatever the engine called it: a name users can rely on.
+            shutil.copyfile(model_file, Path(folder) / f"model{model_file.suffix}")
+            client.log_artifacts(run_id, folder, SANITIZED_MODEL_PATH)
         client.log_artifact(run_id, str(out_dir / "report.json"), REPORT_PATH)
         if report.triggers:
             client.log_artifacts(run_id, str(out_dir / "triggers"), f"{REPORT_PATH}/triggers")
