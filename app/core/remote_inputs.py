@@ -94,8 +94,9 @@ def fetch_input(url: str, staged: StagedFile, limit: int, settings: Settings) ->
     scheme = urlsplit(url).scheme.lower()
     fetcher = FETCHERS.get(scheme)
     if fetcher is None:
-        raise RemoteInputError(f"cannot fetch {scheme + '://' if scheme else 'a URL without a scheme'} "
-                               f"URLs; use one of {', '.join(s + '://' for s in FETCHERS)}, or upload the file")
+        what = f"{scheme}:// URLs" if scheme else "a URL without a scheme"
+        raise RemoteInputError(f"cannot fetch {what}; use one of {', '.join(s + '://' for s in FETCHERS)}, "
+                               "or upload the file")
     try:
         return fetcher(url, Sink(staged, limit, settings.input_url_timeout_s, url), settings)
     finally:
