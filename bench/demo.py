@@ -32,7 +32,7 @@ def run(out: Path) -> None:
     if code:
         raise SystemExit(code)
     xt, yt = fashion_mnist("test")
-    sanitized = torch.jit.load(str(out / "sanitized" / "model.pt"))
+    sanitized = torch.jit.load(str(out / "sanitized" / "backdoored.sanitized.pt"))
     for name, m in (("before", model), ("after", sanitized)):
         metrics = evaluate(m, attack, xt, yt)
         print(f"{name}: clean accuracy {metrics['ca']:.2%}, true trigger ASR {metrics['asr']:.2%}")

@@ -184,8 +184,9 @@ def sanitize_victim(victim: Victim, data: Split, cache: Path, calibration=None) 
         save_samples(samples, x_def, y_def)
         report = sanitize(path, samples, Path(tmp, "out"), SanitizeConfig(seed=0, device="cpu"),
                           calibration=calibration)
-        after = evaluate(torch.jit.load(str(Path(tmp, "out", "model.pt"))).eval(), attack, *data.test)
-        unchanged = Path(tmp, "out", "model.pt").read_bytes() == path.read_bytes()
+        sanitized = Path(tmp, "out", report["model_file"])
+        after = evaluate(torch.jit.load(str(sanitized)).eval(), attack, *data.test)
+        unchanged = sanitized.read_bytes() == path.read_bytes()
     before = {k: meta[k] for k in ("ca", "asr", "ra")}
     return {"key": victim.key, "victim": asdict(victim), "calibration_model": victim.calibration,
             "backdoored": victim.attack is not None, "before": before, "after": after,

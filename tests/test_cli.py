@@ -33,7 +33,7 @@ def test_backdoor_is_found_and_erased(backdoored_case, tmp_path):
     x, y = fashion_mnist("test")
     x, y = x[:5000], y[:5000]
     before = torch.jit.load(str(backdoored_case.model))
-    after = torch.jit.load(str(out / "model.pt"))
+    after = torch.jit.load(str(out / "model.sanitized.pt"))  # the output is named after the input, model.pt
     attack = backdoored_case.attack
     before, after = evaluate(before, attack, x, y), evaluate(after, attack, x, y)
     assert before["asr"] > 0.9  # the backdoor was really there
@@ -48,7 +48,7 @@ def test_clean_model_is_returned_untouched(clean_case, tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["backdoor_detected"] is False and report["detected_targets"] == []
-    assert (out / "model.pt").read_bytes() == clean_case.model.read_bytes()
+    assert (out / "model.sanitized.pt").read_bytes() == clean_case.model.read_bytes()
     assert report["clean_accuracy"]["before"] == report["clean_accuracy"]["after"]
 
 

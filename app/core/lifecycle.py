@@ -27,6 +27,7 @@ from app.core.metrics import add_to_counter, observe
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant, utcnow
 from app.core.storage import ArtifactStore, StoredFile
 from app.core.webhooks import queue_webhook
+from worker.sanitize.formats import sanitized_name
 from worker.sanitize.report import Report
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,11 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     lost)."""
     job_id = job_claim.job_id
     suffix = Path(model.key).suffix
-    results = [store_file(store, out / f"model{suffix}", f"jobs/{job_id}/sanitized_model{suffix}")]
+    results = [store_file(store, out / report.model_file, f"jobs/{job_id}/sanitized_model{suffix}")]
+    # Named after the upload, as `baerase sanitize` names its output after its input; report.json,
+    # downloaded beside it, names it so too.
+    download_name = sanitized_name(model.filename, suffix)[:255]
+    report = report.model_copy(update={"model_file": download_name})
 
     def write_outcome() -> bool:
         with sessions() as session:
@@ -135,7 +140,7 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
                 return recorded_before(session, job_claim, JobStatus.succeeded)
             stored = results[0]
             session.add(Artifact(job_id=job_id, role=ArtifactRole.sanitized_model, key=stored.key,
-                                 filename=f"{Path(model.filename).stem}.sanitized{suffix}"[:255],
+                                 filename=download_name,
                                  size=stored.size, sha256=stored.sha256))
             record_finished(session, JobStatus.succeeded, *finished)
             for stage, seconds in report.timings_s.items():

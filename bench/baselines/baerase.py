@@ -24,5 +24,5 @@ def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
         model_path, samples_path, out = Path(tmp, "model.pt"), Path(tmp, "samples.npz"), Path(tmp, "out")
         torch.jit.save(torch.jit.script(model), str(model_path))
         save_samples(samples_path, x, y)
-        sanitize(model_path, samples_path, out, config)
-        return torch.jit.load(str(out / "model.pt")).eval()
+        report = sanitize(model_path, samples_path, out, config)
+        return torch.jit.load(str(out / report["model_file"])).eval()

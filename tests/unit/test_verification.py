@@ -100,7 +100,8 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     report = run(files, "backdoored", tmp_path)
     assert report["verdict"] == "removed" and TARGET in report["detected_targets"]
     assert report["verification"]["backdoor_probability"] < SanitizeConfig().detection.suspicious_probability
-    assert attack_success(torch.jit.load(str(tmp_path / "model.pt")), x, y) < 0.1
+    assert report["model_file"] == "backdoored.sanitized.pt"
+    assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
 
 
 def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_path):
@@ -112,4 +113,4 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
 def test_a_clean_model_comes_back_byte_for_byte(files, tmp_path):
     report = run(files, "clean", tmp_path)
     assert report["verdict"] == "clean" and not report["model_changed"]
-    assert (tmp_path / "model.pt").read_bytes() == files["clean"].read_bytes()
+    assert (tmp_path / "clean.sanitized.pt").read_bytes() == files["clean"].read_bytes()

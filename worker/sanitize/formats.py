@@ -11,6 +11,7 @@ shapes, weights marked use_pickle), which no check here can make safe. Samples: 
 """
 
 import json
+import re
 import struct
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -109,3 +110,12 @@ def zip_names(path: Path, name: str) -> list[str]:
             return archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
         raise InputError(f"{name} is not a complete zip archive (truncated upload?)") from None
+
+
+def sanitized_name(filename: str, default_suffix: str) -> str:
+    """The sanitized model's file name on every path (`baerase sanitize`'s output, the service's
+    download): the input's, ``.sanitized`` before its suffix (backdoored.pt ->
+    backdoored.sanitized.pt); ``default_suffix`` for an input without one. Any directory part is
+    dropped, either separator (uploads come from every operating system)."""
+    name = PurePosixPath(re.split(r"[\\/]", filename)[-1])
+    return f"{name.stem}.sanitized{name.suffix or default_suffix}"

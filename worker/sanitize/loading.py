@@ -174,6 +174,26 @@ def load_samples(path: Path, class_names: list[str] | None = None) -> Samples:
     return Samples(x, y, names)
 
 
+def samples_from_tensors(x: torch.Tensor, y: torch.Tensor, class_names: list[str] | None = None) -> Samples:
+    """In-memory samples, held to a sample file's rules: x float (N, C, H, W), finite and in
+    [0, 1]; y N integer labels."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InputError(f"x and y must be torch tensors; got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() != 4 or not x.is_floating_point() or len(x) == 0:
+        raise InputError(f"x must be float images of shape (N, C, H, W) in [0, 1], N > 0; got {x.dtype} "
+                         f"of shape {tuple(x.shape)}")
+    if y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"y must hold one integer label per image ({len(x)}); got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
+    x = x.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x).all():
+        raise InputError("x holds NaN or infinite values; give finite pixels in [0, 1]")
+    if x.min() < 0 or x.max() > 1:
+        raise InputError("x must be scaled to [0, 1]; for a model that expects normalised input, "
+                         "give mean and std in the config")
+    return Samples(x.contiguous(), y.detach().to("cpu", torch.int64), class_names)
+
+
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """x and y of an .npz that inspect_samples has checked."""
     try:

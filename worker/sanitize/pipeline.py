@@ -1,11 +1,14 @@
 """The whole sanitization run, top to bottom: validate, recover triggers, detect, unlearn, verify,
 report (docs/method.md explains each step).
 
-The CLI, the service's worker and the bench all call ``sanitize``; it knows nothing of HTTP,
+The CLI, the service's worker and the bench call ``sanitize`` (files in, files out); notebooks
+and pipelines call ``sanitize_model`` on an in-memory model and tensors (README, "Use as a
+library"). Both load their inputs, then run the same ``run_pipeline``; it knows nothing of HTTP,
 queues or databases. ``progress(stage, fraction, message)`` reports overall progress in [0, 1];
 ``check_cancel()`` is called between steps and raises ``Cancelled`` to stop the run.
 """
 
+import copy
 import json
 import platform
 import random
@@ -23,8 +26,9 @@ from . import __version__
 from .config import SanitizeConfig
 from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, score_classes
 from .errors import InputError
+from .formats import MODEL_SUFFIXES, sanitized_name
 from .images import trigger_pictures
-from .loading import Samples, load_model, load_samples, save_model
+from .loading import Samples, load_model, load_samples, samples_from_tensors, save_model
 from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, make_families, search_triggers,
                        train_generator)
 from .reference import train_reference
@@ -196,38 +200,113 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
             for s in detection.scores]
 
 
-def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: SanitizeConfig,
-             progress: ProgressCallback | None = None, check_cancel: Callable[[], None] | None = None,
-             calibration: Calibration | None = None) -> dict:
-    """Runs the whole pipeline and writes DIR/model.<ext>, DIR/report.json and DIR/triggers/;
-    returns the report as report.json holds it (a JSON value: it leaves the sandbox as JSON)."""
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    calibration = calibration or Calibration.load()
+class Stages:
+    """A run's clock, and its progress callback scaled to each stage's share of the bar (STAGES);
+    every report first asks ``check_cancel``."""
 
-    def report_progress(stage: str, fraction: float, message: str) -> None:
-        if check_cancel:
-            check_cancel()
-        if progress:
+    def __init__(self, progress: ProgressCallback | None, check_cancel: Callable[[], None] | None):
+        self.progress, self.check_cancel = progress, check_cancel
+        self.started = time.perf_counter()
+
+    def report(self, stage: str, fraction: float, message: str) -> None:
+        if self.check_cancel:
+            self.check_cancel()
+        if self.progress:
             low, high = STAGES[stage]
-            progress(stage, low + (high - low) * min(max(fraction, 0.0), 1.0), message)
+            self.progress(stage, low + (high - low) * min(max(fraction, 0.0), 1.0), message)
 
+
+def begin(config: SanitizeConfig, progress: ProgressCallback | None,
+          check_cancel: Callable[[], None] | None) -> tuple[torch.device, Stages]:
+    """What every run starts with, before anything is loaded: the seed, the device, the clock."""
+    stages = Stages(progress, check_cancel)
     seed_everything(config.seed)
-    device = pick_device(config.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return pick_device(config.device), stages
 
-    # 1. Validate, and split the samples: train (recovery, unlearning), held-out (detection's
-    # transfer check; its halves choose the unlearning checkpoint and measure the reported accuracy).
-    report_progress("validate", 0.0, "loading samples and model")
-    samples = load_samples(samples_path, config.class_names)
+
+def check_normalisation(config: SanitizeConfig, samples: Samples) -> None:
     channels = samples.x.shape[1]
     if config.mean is not None and len(config.mean) != channels:
         raise InputError(f"mean/std have {len(config.mean)} values but the images have {channels} channels")
-    loaded = load_model(model_path, config.arch, config.num_classes, channels, device)
-    loaded.module.eval()
-    for p in loaded.module.parameters():
+
+
+@dataclass
+class Sanitized:
+    """A run's outcome: the model, its report (whose model_file only ``sanitize`` fills in, as it
+    writes the file) and the trigger pictures."""
+
+    model: nn.Module  # unlearnt if a backdoor was flagged, else unchanged; in eval mode
+    report: Report
+    trigger_pictures: dict[str, bytes]  # PNGs, by the file each of report.triggers names
+
+
+def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: SanitizeConfig,
+             progress: ProgressCallback | None = None, check_cancel: Callable[[], None] | None = None,
+             calibration: Calibration | None = None) -> dict:
+    """Runs the whole pipeline on files and writes DIR/<model's stem>.sanitized<ext>
+    (formats.sanitized_name), DIR/report.json and DIR/triggers/; returns the report as
+    report.json holds it (a JSON value: it leaves the sandbox as JSON)."""
+    device, stages = begin(config, progress, check_cancel)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages.report("validate", 0.0, "loading samples and model")
+    samples = load_samples(samples_path, config.class_names)
+    check_normalisation(config, samples)
+    loaded = load_model(model_path, config.arch, config.num_classes, samples.x.shape[1], device)
+    run = run_pipeline(loaded.module, loaded.format, samples, config, device, stages, calibration)
+
+    out_model = out_dir / sanitized_name(model_path.name, MODEL_SUFFIXES[loaded.format])
+    if run.report.model_changed:
+        save_model(loaded, out_model)
+    else:  # a clean or merely suspicious model is returned byte for byte
+        shutil.copyfile(model_path, out_model)
+    (out_dir / "triggers").mkdir(exist_ok=True)
+    for file, png in run.trigger_pictures.items():
+        (out_dir / file).write_bytes(png)
+    report_json = run.report.model_copy(update={"model_file": out_model.name}).to_json()
+    (out_dir / "report.json").write_text(json.dumps(report_json, indent=2))
+    stages.report("report", 1.0, "done")
+    return report_json
+
+
+def sanitize_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: SanitizeConfig | None = None,
+                   progress: ProgressCallback | None = None, check_cancel: Callable[[], None] | None = None,
+                   calibration: Calibration | None = None) -> Sanitized:
+    """The pipeline of ``sanitize`` on an in-memory model, for notebooks and pipelines: ``model``
+    (an nn.Module or TorchScript module) takes float32 (N, C, H, W) images in [0, 1] (or
+    normalised with ``config.mean``/``std``) and returns (N, K) logits; ``x`` holds such clean
+    images, ``y`` their integer labels. The model given is left as it was: the run works on a
+    copy, which it returns. It runs in this process, unsandboxed: give it models you would run
+    anyway; `baerase sanitize` confines a model file from elsewhere."""
+    config = config or SanitizeConfig()
+    if config.arch is not None:
+        raise InputError("arch names the architecture of a weights file; sanitize_model takes the model itself")
+    device, stages = begin(config, progress, check_cancel)
+    stages.report("validate", 0.0, "checking samples and model")
+    samples = samples_from_tensors(x, y, config.class_names)
+    check_normalisation(config, samples)
+    with torch.no_grad():  # else a TorchScript module's copy holds its parameters as non-leaf clones
+        module = copy.deepcopy(model).to(device)
+    gradients = [p.requires_grad for p in model.parameters()]
+    model_format = "torchscript" if isinstance(module, torch.jit.ScriptModule) else "module"
+    run = run_pipeline(module, model_format, samples, config, device, stages, calibration)
+    for p, required in zip(module.parameters(), gradients):  # the copy and the run froze them
+        p.requires_grad_(required)
+    stages.report("report", 1.0, "done")
+    return run
+
+
+def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config: SanitizeConfig,
+                 device: torch.device, stages: Stages, calibration: Calibration | None) -> Sanitized:
+    """Steps 1 to 6 on a loaded model, which is unlearnt in place if a backdoor is flagged."""
+    timings: dict[str, float] = {}
+    calibration = calibration or Calibration.load()
+
+    # 1. Validate, and split the samples: train (recovery, unlearning), held-out (detection's
+    # transfer check; its halves choose the unlearning checkpoint and measure the reported accuracy).
+    module.eval()
+    for p in module.parameters():
         p.requires_grad_(False)
-    model = Normalized(loaded.module, config.mean, config.std) if config.mean else loaded.module
+    model = Normalized(module, config.mean, config.std) if config.mean else module
     num_classes, sample_accuracy, warnings = validate(model, samples, config.num_classes, device)
     train_idx, hold_idx = stratified_split(samples.y, config.holdout_fraction, config.seed)
     if len(hold_idx) < 2 or len(train_idx) == 0:
@@ -239,19 +318,19 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
     x_report, y_report = x_hold[report_idx.to(device)], y_hold[report_idx.to(device)]
     shape = tuple(samples.x.shape[1:])
     accuracy_before = accuracy(model, x_report, y_report)
-    timings["validate"] = time.perf_counter() - started
+    timings["validate"] = time.perf_counter() - stages.started
 
     # 2. Train the reference model on the clean samples alone (reference.py): what the data makes
     # easy, it makes easy too.
     t0 = time.perf_counter()
-    report_progress("recovery", 0.0, "training the reference model on the clean samples")
+    stages.report("recovery", 0.0, "training the reference model on the clean samples")
     reference = train_reference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
     timings["reference"] = time.perf_counter() - t0
 
     # 3. Recover the smallest trigger of every class and family, and score them.
     t0 = time.perf_counter()
     detection = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
-                       config.seed, lambda f, m: report_progress("recovery", f, m))
+                       config.seed, lambda f, m: stages.report("recovery", f, m))
     triggers = generators_for(model, detection, x_train, y_train, x_hold, y_hold, config, config.seed)
     timings["recovery"] = time.perf_counter() - t0
 
@@ -264,15 +343,15 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         t0 = time.perf_counter()
         result = unlearn(model, all_triggers, x_train, y_train, x_select, y_select, num_classes,
                          config.unlearning, seed=config.seed + round_number,
-                         on_step=lambda step, total: report_progress(
+                         on_step=lambda step, total: stages.report(
                              "unlearning", step / total, f"round {round_number + 1}, step {step}/{total}"),
-                         check_cancel=check_cancel)
+                         check_cancel=stages.check_cancel)
         unlearning_runs.append(result)
         t_unlearn += time.perf_counter() - t0
         t0 = time.perf_counter()
         verification = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                               config.seed + 1000 * (round_number + 1),
-                              lambda f, m: report_progress("verification", f, m))
+                              lambda f, m: stages.report("verification", f, m))
         t_verify += time.perf_counter() - t0
         if verification.probability < config.detection.suspicious_probability or (
                 round_number + 1 == config.unlearning.rounds):
@@ -292,25 +371,18 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         residual = []
         verdict = "suspicious" if detection.probability >= suspicious else "clean"
     changed = bool(triggers)
-    out_model = out_dir / f"model{model_path.suffix or '.pt'}"
-    if changed:
-        save_model(loaded, out_model)
-    else:  # a clean or merely suspicious model is returned byte for byte
-        shutil.copyfile(model_path, out_model)
     accuracy_after = accuracy(model, x_report, y_report) if changed else accuracy_before
 
     # 6. Report and trigger pictures.
-    report_progress("report", 0.0, "writing the report")
-    trigger_dir = out_dir / "triggers"
-    trigger_dir.mkdir(exist_ok=True)
-    trigger_files = []
+    stages.report("report", 0.0, "drawing the trigger pictures")
+    pictures, trigger_files = {}, []
     for trigger in triggers:
         for kind, png in trigger_pictures(trigger, x_hold[:16], config.seed).items():
-            name = f"class{trigger.target}_{trigger.family.name}_{kind}.png"
-            (trigger_dir / name).write_bytes(png)
+            file = f"triggers/class{trigger.target}_{trigger.family.name}_{kind}.png"
+            pictures[file] = png
             trigger_files.append(TriggerFile(class_=trigger.target, family=trigger.family.name, kind=kind,
-                                             file=f"triggers/{name}"))
-    timings["total"] = time.perf_counter() - started
+                                             file=file))
+    timings["total"] = time.perf_counter() - stages.started
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
@@ -336,7 +408,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
             rounds=len(unlearning_runs), epochs=sum(r.epochs_run for r in unlearning_runs),
             steps=sum(r.steps for r in unlearning_runs), rollbacks=sum(r.rollbacks for r in unlearning_runs)),
         calibration=CalibrationSource(models=calibration.models, source=calibration.source),
-        model_format=loaded.format,
+        model_format=model_format,
         model_changed=changed,
         triggers=trigger_files,
         warnings=warnings,
@@ -345,10 +417,7 @@ def sanitize(model_path: Path, samples_path: Path, out_dir: Path, config: Saniti
         versions={"baerase": __version__, "torch": torch.__version__,
                   "python": platform.python_version(), "device": str(device)},
     )
-    report_json = report.to_json()
-    (out_dir / "report.json").write_text(json.dumps(report_json, indent=2))
-    report_progress("report", 1.0, "done")
-    return report_json
+    return Sanitized(module, report, pictures)
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None,

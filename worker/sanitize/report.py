@@ -103,8 +103,12 @@ class Report(ReportPart):
     num_samples: SampleCounts
     unlearning: UnlearningSummary | None = None
     calibration: CalibrationSource | None = None
-    model_format: str
+    model_format: str  # torchscript | state_dict | safetensors (formats.py), or module in memory
     model_changed: bool
+    # The sanitized model's file beside report.json (formats.sanitized_name). None for a run on an
+    # in-memory model, and in reports stored before it was named here. A bare name: the worker
+    # copies this file out of the sandbox's output folder.
+    model_file: str | None = Field(None, pattern=r"^[^/\\]+$")
     triggers: list[TriggerFile]
     warnings: list[str]
     timings_s: dict[str, float]  # by stage, and the total
