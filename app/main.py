@@ -18,6 +18,7 @@ from app.core.config import Settings
 from app.core.security import ensure_api_key
 from app.core.db import make_engine, make_sessions
 from app.core.metrics import make_registry
+from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
 from app.core.storage import make_artifact_store
 from app.ui.routes import router as ui_router
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.job_queue = JobQueue(settings) if settings.broker_url else None
     app.state.metrics = make_registry(sessions, __version__)
     install_problem_handlers(app)
+    install_openapi(app)
     app.include_router(docs.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -7,6 +7,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -21,6 +22,25 @@ DATABASE_RETRY_AFTER_S = 5
 log = logging.getLogger(__name__)
 
 
+class FieldProblem(BaseModel):
+    loc: str = Field(description="the field, dotted: config.recovery.steps")
+    msg: str
+
+
+class ProblemDetails(BaseModel):
+    """The body of every error answer (RFC 9457): problem_response sends it, and /openapi.json
+    describes every error answer with it (app/api/openapi.py)."""
+
+    model_config = ConfigDict(extra="allow")  # RFC 9457's extension members
+
+    type: str = "about:blank"
+    title: str = Field(description="the HTTP status phrase")
+    status: int
+    detail: str = Field(description="what to fix, or what went wrong")
+    instance: str = Field(description="the path of the request")
+    errors: list[FieldProblem] | None = Field(None, description="validation problems: one per field")
+
+
 class Problem(Exception):
     def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(detail)
@@ -29,9 +49,10 @@ class Problem(Exception):
 
 def problem_response(request: Request, status: int, detail: str,
                      headers: dict[str, str] | None = None, **extra) -> JSONResponse:
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
-            "detail": detail, "instance": request.url.path, **extra}
-    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+    body = ProblemDetails(title=HTTPStatus(status).phrase, status=status, detail=detail,
+                          instance=request.url.path, **extra)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers,
+                        media_type=MEDIA_TYPE)
 
 
 def describe_validation_errors(errors) -> list[dict]:

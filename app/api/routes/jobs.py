@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session
 
 from app.api import job_queries, submission
 from app.api.deps import CurrentTenant, JobDep, SessionsDep, SettingsDep, StoreDep, TTLCache
-from app.api.problems import MEDIA_TYPE, Problem
+from app.api.openapi import problem_answer, schema_ref
+from app.api.problems import Problem
 from app.api.schemas import JobPage, TriggerList
+from app.api.submission import JobOptions
 from app.api.uploads import receive_job_form
 from app.core import lifecycle
 from app.core.db import Sessions
@@ -31,7 +33,7 @@ T = TypeVar("T")
 # Suggested wait between polls of a job that is not finished yet.
 RETRY_AFTER_S = 2
 
-PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "problem details; detail says what to fix"}
+PROBLEM = problem_answer("problem details; detail says what to fix")
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object",
     "properties": {
@@ -42,10 +44,10 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "model_url": {"type": "string", "description": "instead of model: where the service fetches "
                       "it (https://, e.g. presigned; s3:// or gs:// from buckets the operator allows)"},
         "samples_url": {"type": "string", "description": "instead of samples: where the service fetches them"},
-        "config": {"type": "string", "description":
-                   'JSON object of settings (docs/config.md) plus webhook_url, e.g. {"seed": 0}'},
+        "config": {**schema_ref(JobOptions), "description":
+                   'a JSON object: the settings of docs/config.md plus webhook_url, e.g. {"seed": 0}'},
     },
-}}}}}
+}, "encoding": {"config": {"contentType": "application/json"}}}}}}
 
 
 @router.post("", status_code=202, summary="Submit a model and clean samples for sanitization",
