@@ -6,7 +6,9 @@ Each job is claimed first, and every write about it goes through app/core/lifecy
 runs, a heartbeat thread stamps the job's row; the engine's progress and cancellation checks are
 relayed to the row at most once a second. The engine runs in a sandboxed child process
 (worker/sandbox.py), which enforces the job's wall-time, CPU-time and memory limits; this module
-turns how that ended into the job's final state. It imports no torch.
+turns how that ended into the job's final state. A job whose model came from MLflow has its
+sanitized model registered there first (app/core/mlflow_models.py), and the outcome written with
+the result: registering never fails the job. It imports no torch.
 """
 
 import logging
@@ -26,6 +28,7 @@ from app.core.config import Settings
 from app.core.db import UNAVAILABLE, Sessions, make_engine, make_sessions, retry_while_unavailable
 from app.core.lifecycle import Claim
 from app.core.logging_setup import job_context
+from app.core.mlflow_models import is_mlflow_uri, register_sanitized
 from app.core.models import JobStatus, utcnow
 from app.core.storage import ArtifactStore, make_artifact_store
 from app.core.webhooks import deliver_due
@@ -105,7 +108,7 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
     """Runs a claimed job to its end and records the outcome on its row (None: the claim was
     lost on the way, and nothing was recorded)."""
     job_id = job_claim.job_id
-    config, model, samples = retry_while_unavailable(
+    config, model, samples, model_source = retry_while_unavailable(
         f"reading job {job_id}", lambda: lifecycle.job_inputs(sessions, job_id), settings.db_retry_s)
 
     def fail(code: str, message: str) -> JobStatus | None:
@@ -119,7 +122,12 @@ def execute(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
                 report = run_sanitize_sandboxed(model_path, samples_path, Path(out), SanitizeConfig(**config),
                                                 tracker.progress, tracker.check_cancel, job_limits(settings),
                                                 settings.sandbox_required)
-            status = lifecycle.succeed(sessions, store, settings, job_claim, Path(out), report, model)
+            registration = None
+            if is_mlflow_uri(model_source):
+                tracker.progress("report", 1.0, "registering the sanitized model in MLflow")
+                registration = register_sanitized(settings, model_source, job_id, Path(out),
+                                                  Path(out) / report.model_file, report)
+            status = lifecycle.succeed(sessions, store, settings, job_claim, Path(out), report, model, registration)
         except ClaimLost:
             status = None
         except Cancelled:

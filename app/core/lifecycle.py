@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, Sessions, retry_while_unavailable
 from app.core.metrics import add_to_counter, observe
+from app.core.mlflow_models import Registration
 from app.core.models import Artifact, ArtifactRole, IdempotencyRecord, Job, JobStatus, Tenant, utcnow
 from app.core.storage import ArtifactStore, StoredFile
 from app.core.webhooks import queue_webhook
@@ -76,11 +77,12 @@ def tenant_name(sessions: Sessions, job_id: uuid.UUID) -> str | None:
         return session.scalar(select(Tenant.name).join(Job, Job.tenant_id == Tenant.id).where(Job.id == job_id))
 
 
-def job_inputs(sessions: Sessions, job_id: uuid.UUID) -> tuple[dict, Artifact, Artifact]:
-    """The job's config, its model artifact and its samples artifact."""
+def job_inputs(sessions: Sessions, job_id: uuid.UUID) -> tuple[dict, Artifact, Artifact, str | None]:
+    """The job's config, its model artifact, its samples artifact and where its model came from
+    (model_source: a URL or MLflow model URI; None for an upload)."""
     with sessions() as session:
         job = session.get(Job, job_id)
-        return job.config, job.artifact(ArtifactRole.model), job.artifact(ArtifactRole.samples)
+        return job.config, job.artifact(ArtifactRole.model), job.artifact(ArtifactRole.samples), job.model_source
 
 
 # The claim's holder: the runner.
@@ -116,10 +118,10 @@ def cancel_requested(sessions: Sessions, job_id: uuid.UUID) -> bool:
 
 
 def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_claim: Claim,
-            out: Path, report: Report, model: Artifact) -> JobStatus | None:
+            out: Path, report: Report, model: Artifact, registration: Registration | None = None) -> JobStatus | None:
     """Moves the sanitized model and the trigger pictures from ``out`` into the store, and
-    records the report, the final state and its webhook in one transaction (None: the claim was
-    lost)."""
+    records the report, the MLflow registration (if any), the final state and its webhook in one
+    transaction (None: the claim was lost)."""
     job_id = job_claim.job_id
     suffix = Path(model.key).suffix
     results = [store_file(store, out / report.model_file, f"jobs/{job_id}/sanitized_model{suffix}")]
@@ -134,7 +136,8 @@ def succeed(sessions: Sessions, store: ArtifactStore, settings: Settings, job_cl
             # the job between this check and the commit (SQLite locks the whole database).
             finished = session.execute(update(Job).where(*job_claim.holds()).values(
                 status=JobStatus.succeeded, finished_at=utcnow(), progress_stage="report",
-                progress_fraction=1.0, progress_message="done", report=report.to_json())
+                progress_fraction=1.0, progress_message="done", report=report.to_json(),
+                model_registration=registration.model_dump(mode="json") if registration else None)
                 .returning(Job.started_at, Job.finished_at)).one_or_none()
             if finished is None:
                 return recorded_before(session, job_claim, JobStatus.succeeded)
