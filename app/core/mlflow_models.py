@@ -75,7 +75,6 @@ class Registration(BaseModel):
 class MlflowSource:
     """A parsed ``models:/`` or ``runs:/`` URI."""
 
-    uri: str
     registered_model: str | None = None  # models:/
     version: str | None = None  # models:/NAME/VERSION
     alias: str | None = None  # models:/NAME@ALIAS
@@ -90,12 +89,12 @@ def is_mlflow_uri(source: str | None) -> bool:
 
 def parse_source(uri: str) -> MlflowSource:
     if match := MODELS_URI.fullmatch(uri):
-        return MlflowSource(uri, registered_model=match["name"], version=match["version"], alias=match["alias"])
+        return MlflowSource(registered_model=match["name"], version=match["version"], alias=match["alias"])
     if match := RUNS_URI.fullmatch(uri):
         path = "/".join(part for part in (match["path"] or "").split("/") if part)
         if {".", ".."} & set(path.split("/")):
             raise RemoteInputError(f"{uri}: the path in a runs:/ URI may not hold . or ..")
-        return MlflowSource(uri, run_id=match["run_id"], path=path)
+        return MlflowSource(run_id=match["run_id"], path=path)
     raise RemoteInputError(f"{uri} is not an MLflow model URI this service reads: give "
                            "models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
 

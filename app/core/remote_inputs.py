@@ -95,8 +95,9 @@ def fetch_input(url: str, staged: StagedFile, limit: int, settings: Settings) ->
     fetcher = FETCHERS.get(scheme)
     if fetcher is None:
         what = f"{scheme}:// URLs" if scheme else "a URL without a scheme"
-        raise RemoteInputError(f"cannot fetch {what}; use one of {', '.join(s + '://' for s in FETCHERS)}, "
-                               "or upload the file")
+        # MLflow's URIs are written models:/NAME/..., the others scheme://HOST/...
+        forms = ", ".join(f"{s}:/" if s in ("models", "runs") else f"{s}://" for s in FETCHERS)
+        raise RemoteInputError(f"cannot fetch {what}; use one of {forms}, or upload the file")
     try:
         return fetcher(url, Sink(staged, limit, settings.input_url_timeout_s, url), settings)
     finally:
