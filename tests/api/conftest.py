@@ -20,6 +20,7 @@ from app.core.db import upgrade
 from app.main import create_app
 from app.core.models import Base
 from tests.mlflow_server import mlflow_server  # noqa: F401  (a real MLflow server: test_mlflow.py)
+from tests.s3_server import s3_server  # noqa: F401  (a real S3 API: test_object_storage.py)
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
