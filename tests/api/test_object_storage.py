@@ -7,11 +7,16 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from uuid import UUID
 
 import pytest
+from sqlalchemy import update
 
 from app.client import Client
+from app.core.lifecycle import claim, expire_finished_jobs, finish
+from app.core.models import Job, JobStatus, utcnow
 from tests.api.support import PATIENCE_S, assert_problem
 from tests.live_server import REPO, QUICK_CONFIG, backdoored_digits, start_embedded_server  # noqa: F401
 
@@ -123,6 +128,18 @@ def test_a_refused_job_leaves_no_object(client, auth, s3_server, settings, torch
     refused = client.post("/jobs", headers=auth, data={"config": '{"seed": "zero"}'},
                           files={"model": ("model.pt", torchscript_model), "samples": ("clean.npz", samples)})
     assert_problem(refused, 422, "seed")
+    assert s3_server.keys(store_bucket) == []
+
+
+def test_retention_deletes_the_objects(submit, sessions, settings, s3_server, app):
+    job_id = UUID(submit().json()["id"])
+    finish(sessions, settings, claim(sessions, job_id), JobStatus.failed, "internal_error", "it broke")
+    with sessions() as session:
+        session.execute(update(Job).values(finished_at=utcnow() - timedelta(days=settings.artifact_retention_days + 1)))
+        session.commit()
+    store_bucket = settings.artifact_store_url.removeprefix("s3://").split("/")[0]
+    assert len(s3_server.keys(store_bucket)) == 2
+    assert expire_finished_jobs(sessions, app.state.store, settings) == [job_id]
     assert s3_server.keys(store_bucket) == []
 
 
