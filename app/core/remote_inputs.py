@@ -82,7 +82,6 @@ class TooLarge(RemoteInputError):
     def __init__(self, what: str, size: int | None, limit: int):
         super().__init__(f"{what} is larger than the limit of {limit} bytes"
                          + (f" ({size} bytes)" if size is not None else ""), status=413)
-        self.limit = limit
 
 
 Fetcher = Callable[[str, Sink, Settings], FetchedInput]
