@@ -21,8 +21,9 @@ import pytest
 
 from tests.api.support import free_port, wait_for
 
-# Set for the whole session: neither the server nor the tests' MLflow clients send usage data.
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# Set for the whole session: neither the server nor the tests' MLflow clients send usage data, and
+# the server starts none of the job-runner processes it would otherwise keep busy beside the tests.
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass

@@ -103,6 +103,10 @@ def mlflow_client(tracking_uri: str):
     # The service sends no usage data to mlflow.org on the operator's behalf; an operator who
     # wants MLflow's telemetry sets MLFLOW_DISABLE_TELEMETRY=false.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's own defaults (7 retries with backoff, 120 s a request) would hold a submit for many
+    # minutes when the tracking server is down; the operator may still set these.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
