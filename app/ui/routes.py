@@ -28,14 +28,15 @@ templates.env.filters["percent"] = lambda value: "–" if value is None else f"{
 templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
 
 
-def page(request: Request, title: str, fragment_url: str) -> HTMLResponse:
-    return templates.TemplateResponse(request, "page.html", {"title": title, "fragment_url": fragment_url},
+def page(request: Request, title: str, fragment_url: str, submit_form: bool = False) -> HTMLResponse:
+    return templates.TemplateResponse(request, "page.html", {"title": title, "fragment_url": fragment_url,
+                                                             "submit_form": submit_form},
                                       headers={"Content-Security-Policy": CSP})
 
 
 @router.get("")
 def jobs_page(request: Request) -> HTMLResponse:
-    return page(request, "Jobs", "/ui/fragments/jobs")
+    return page(request, "Jobs", "/ui/fragments/jobs", submit_form=True)
 
 
 @router.get("/jobs/{job_id}")

@@ -1,6 +1,7 @@
 """The web page at /ui, in a real headless Chromium (Debian's chromium and chromium-driver,
 which `make setup` installs) driven by Selenium. Leaves screenshots in tests/artifacts/."""
 
+import json
 from pathlib import Path
 
 import httpx
@@ -126,3 +127,69 @@ def test_the_api_documentation_renders_from_this_server_alone(server, browser, p
                                     ".filter(e => e.initiatorType !== 'img').map(e => e.name)")
     assert loaded and all(url.startswith(server.url) for url in loaded), loaded
     screenshot(browser, f"api{page.replace('/', '-')}.png")
+
+
+def enter_key_if_asked(browser, wait) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda b: b.find_element(By.ID, "key-form").is_displayed()
+               or b.find_element(By.ID, "content").is_displayed())
+    if browser.find_element(By.ID, "key-form").is_displayed():
+        key_input = browser.find_element(By.ID, "api-key")
+        key_input.send_keys(KEY)
+        key_input.submit()
+
+
+def test_submit_a_job_then_delete_it_in_a_browser(server, client, backdoored_digits, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from app.client import NotFound
+
+    wait = WebDriverWait(browser, PATIENCE_S, ignored_exceptions=[StaleElementReferenceException])
+    browser.get(f"{server.url}/ui")
+    enter_key_if_asked(browser, wait)
+    form = wait.until(lambda b: b.find_element(By.ID, "submit-form"))
+    assert form.is_displayed()
+    model, samples = backdoored_digits
+    form.find_element(By.ID, "model-file").send_keys(str(model))
+    form.find_element(By.ID, "samples-file").send_keys(str(samples))
+    config = form.find_element(By.ID, "config-text")
+
+    # The server's refusal shows beside the form, which keeps what was chosen.
+    config.send_keys('{"seed": 0, "recovery": {"stepz": 1}}')
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    message = browser.find_element(By.ID, "submit-message")
+    wait.until(lambda b: "config.recovery.stepz" in message.text)
+    assert browser.current_url == f"{server.url}/ui"
+    screenshot(browser, "submit-form.png")
+
+    config.clear()
+    config.send_keys(json.dumps(SLOW_CONFIG))
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda b: b.current_url.startswith(f"{server.url}/ui/jobs/"))
+    job_id = browser.current_url.rsplit("/", 1)[1]
+    job = client.get(job_id)
+    assert job.data["inputs"]["model"]["filename"] == model.name and KEY not in browser.current_url
+    assert job.data["config"]["recovery"]["screen_steps"] == SLOW_CONFIG["recovery"]["screen_steps"]
+    wait.until(lambda b: model.name in b.find_element(By.CSS_SELECTOR, "#content h1").text)
+
+    # Cancelled elsewhere: the page follows, and offers to delete the job once it has stopped.
+    client.cancel(job_id)
+    delete = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "button[data-delete]"))
+    assert "cancelled" in browser.find_element(By.CSS_SELECTOR, "#content h1 .status").text
+    delete.click()
+    confirmation = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+    assert job_id in confirmation.text and "removed for good" in confirmation.text
+    confirmation.dismiss()  # changed their mind: nothing happens
+    assert client.get(job_id).status == "cancelled" and browser.current_url.endswith(job_id)
+
+    delete.click()
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
+    wait.until(lambda b: b.current_url == f"{server.url}/ui")
+    with pytest.raises(NotFound):
+        client.get(job_id)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#content h1").text.startswith("Jobs"))
+    assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"]')

@@ -1,13 +1,15 @@
 // Fills <main data-fragment> with the server-rendered fragment, fetched with the API key from
 // this tab's session storage (never from or into a URL), and refreshes it for as long as the
 // server sends Retry-After. Trigger pictures and downloads need the key too: they are fetched
-// here and handed to the page as blob: URLs.
+// here and handed to the page as blob: URLs. The job list's submit form and a job page's buttons
+// (cancel, delete) call the JSON API with the same key.
 "use strict";
 
 const KEY = "baerase.apiKey";
 const main = document.getElementById("content");
 const keyForm = document.getElementById("key-form");
 const forgetKey = document.getElementById("forget-key");
+const submitForm = document.getElementById("submit-form"); // on the job list only
 let timer = null;
 
 function authorization() {
@@ -31,6 +33,7 @@ function askForKey(message) {
   if (message) showMessage(document.getElementById("key-message"), message);
   keyForm.hidden = false;
   main.hidden = forgetKey.hidden = true;
+  if (submitForm) submitForm.hidden = true;
   document.getElementById("api-key").focus();
 }
 
@@ -54,6 +57,7 @@ async function refresh() {
   if (!sessionStorage.getItem(KEY)) return askForKey();
   keyForm.hidden = true;
   main.hidden = forgetKey.hidden = false;
+  if (submitForm) submitForm.hidden = false;
   let response;
   try {
     response = await fetch(main.dataset.fragment, { headers: authorization(), cache: "no-store" });
@@ -93,11 +97,15 @@ function attachmentName(response, fallback) {
 }
 
 main.addEventListener("click", async (event) => {
-  const button = event.target.closest("button[data-download], button[data-post]");
-  if (!button) return;
+  const button = event.target.closest("button[data-download], button[data-post], button[data-delete]");
+  if (!button || (button.dataset.confirm && !confirm(button.dataset.confirm))) return;
   button.disabled = true;
   try {
-    if (button.dataset.post) {
+    if (button.dataset.delete) {
+      const response = await fetch(button.dataset.delete, { method: "DELETE", headers: authorization() });
+      if (!response.ok) throw new Error(await problemDetail(response));
+      location.assign("/ui");
+    } else if (button.dataset.post) {
       const response = await fetch(button.dataset.post, { method: "POST", headers: authorization() });
       if (!response.ok) throw new Error(await problemDetail(response));
       await refresh();
@@ -111,6 +119,30 @@ main.addEventListener("click", async (event) => {
     }
   } catch (error) {
     alert(error.message);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+// The upload goes straight to the API; the new job's page follows it.
+submitForm?.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const message = document.getElementById("submit-message");
+  const button = submitForm.querySelector("button[type=submit]");
+  const body = new FormData();
+  body.append("model", document.getElementById("model-file").files[0]);
+  body.append("samples", document.getElementById("samples-file").files[0]);
+  const config = document.getElementById("config-text").value.trim();
+  if (config) body.append("config", config);
+  button.disabled = true;
+  message.textContent = "Uploading…";
+  try {
+    const response = await fetch("/jobs", { method: "POST", headers: authorization(), body });
+    if (response.status === 401) return askForKey(await problemDetail(response));
+    if (!response.ok) return showMessage(message, await problemDetail(response));
+    location.assign(`/ui/jobs/${(await response.json()).id}`);
+  } catch {
+    showMessage(message, "The server cannot be reached; try again.");
   } finally {
     button.disabled = false;
   }
