@@ -43,5 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if command not in EXTRA_OF_COMMAND:
             raise
+        extra = EXTRA_OF_COMMAND[command]
+        if command == "serve" and "--embedded" in argv:  # it runs a worker too
+            command, extra = "serve --embedded", "worker"
         return fail(f"`baerase {command}` needs {e.name}, which this installation lacks: "
-                    f"pip install 'baerase[{EXTRA_OF_COMMAND[command]}]'")
+                    f"pip install 'baerase[{extra}]'")

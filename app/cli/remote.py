@@ -5,6 +5,7 @@ install (`pip install baerase`, without the service and worker extras) runs them
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -183,29 +184,48 @@ def job_outcome(job) -> int:
     return EXIT_BY_STATUS[job.status]
 
 
+# The server's details name HTTP requests where the remedy is the caller's; these commands' users
+# get the command that does the same. Each is a hint of app/api, in its words there.
+COMMAND_FOR_REQUEST = [
+    (re.compile(r"; list yours with GET /jobs\b"), " for this API key; `baerase jobs` lists yours"),
+    (re.compile(r"\(poll /jobs/([\w-]+)\)"), r"(follow it with `baerase status \1`)"),
+    (re.compile(r"\(its report stays at /jobs/([\w-]+)/report\)"), r"(its result stays: `baerase status \1 --json`)"),
+]
+# A path that no route of the API answers (app/api/problems.py): the URL is not a BAERASE API's.
+NO_SUCH_ROUTE = re.compile(r"there is no [A-Z]+ \S+; see /docs for the API")
+
+
+def in_commands(error: ApiError, server: str) -> str:
+    """The detail of an error answer as a command's user should read it."""
+    if isinstance(error, NotFound) and NO_SUCH_ROUTE.fullmatch(error.detail):
+        return (f"{server} does not answer as a BAERASE service ({error.problem.get('instance')} is not "
+                "found there); check --server or $BAERASE_SERVER")
+    detail = error.detail
+    for request, command in COMMAND_FOR_REQUEST:
+        detail = request.sub(command, detail)
+    return detail
+
+
 def call_service(args: argparse.Namespace, action) -> int:
     """Runs ``action(client)``; turns the client's errors into one `error:` line and an exit code."""
+    client = Client(args.server, args.api_key)
     try:
-        with Client(args.server, args.api_key) as client:
+        with client:
             return action(client)
     except WaitTimeout as e:
         print(f"error: {e}; follow it with `baerase status {e.job.id}`", file=sys.stderr)
         return EXIT_NOT_FINISHED
     except ApiError as e:
-        # The server's details speak HTTP ("GET /jobs", "Authorization: Bearer"): say it the
-        # command line's way where the remedy is the user's.
         if isinstance(e, ServerError):
             print(f"error: the server failed: {e}", file=sys.stderr)
             return EXIT_UNREACHABLE
-        if isinstance(e, NotFound) and getattr(args, "job_id", None):
-            return fail(f"there is no job {args.job_id} for this API key; `baerase jobs` lists yours")
         if isinstance(e, Unauthorized) and not (args.api_key or os.environ.get("BAERASE_API_KEY")):
             return fail("no API key: set BAERASE_API_KEY or pass --api-key (an operator creates "
                         "keys with `baerase keys create --tenant NAME`)")
         if isinstance(e, Unauthorized):
             return fail("the server does not know this API key (from --api-key or "
                         "$BAERASE_API_KEY); check it, or ask the operator for a new one")
-        return fail(e.detail)
+        return fail(in_commands(e, client.server))
     except BaeraseError as e:  # unreachable, or a damaged download
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -3,6 +3,7 @@ with --embedded a worker beside it), `baerase worker`, `baerase db upgrade` and 
 create`. None of them loads torch: a worker runs the engine in a sandboxed child process per job."""
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -36,6 +37,19 @@ def add_commands(commands) -> None:
     s.set_defaults(run=keys_create_command)
 
 
+# The engine's packages: what the worker extra adds to the service's.
+ENGINE_PACKAGES = ("torch", "safetensors")
+
+
+def require_engine() -> None:
+    """Raises ModuleNotFoundError for the first engine package this installation lacks (main()
+    then says which extra to install). A worker imports none of the engine itself (it runs it in a
+    child process per job): unchecked, it would start, then fail every job."""
+    for name in ENGINE_PACKAGES:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def device_name(value: str) -> str:
     from worker.devices import DEVICE_PATTERN
 
@@ -45,6 +59,8 @@ def device_name(value: str) -> str:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    if args.embedded:
+        require_engine()
     import uvicorn
 
     from app.core.config import Settings
@@ -91,8 +107,10 @@ def print_embedded_help(settings, args: argparse.Namespace, worker_pid: int) -> 
                     "BAERASE_API_KEY=<secret> set")
     print(f"BAERASE embedded mode: database {database}, artifacts in {settings.artifact_dir}, "
           f"worker pid {worker_pid}\nAPI key: {key_help}\n"
-          f"Submit a job: curl -H \"Authorization: Bearer $KEY\" -F model=@model.pt "
-          f"-F samples=@clean.npz {url}/jobs\nAPI docs: {url}/docs", file=sys.stderr, flush=True)
+          f"Submit a job: baerase submit model.pt --samples clean.npz --wait --server {url}\n"
+          f"  or over HTTP: curl -H \"Authorization: Bearer $KEY\" -F model=@model.pt "
+          f"-F samples=@clean.npz {url}/jobs\nWeb page: {url}/ui · API docs: {url}/docs",
+          file=sys.stderr, flush=True)
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -101,6 +119,7 @@ def worker_command(args: argparse.Namespace) -> int:
     from worker.devices import worker_devices
     from worker.sandbox import confinement_ready
 
+    require_engine()
     settings = Settings()
     setup_logging(settings.log_format, settings.log_level, "worker")
     try:
