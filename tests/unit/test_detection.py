@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import Calibration, backdoor_probability, log_ratios, score_classes
+from worker.sanitize.detection import Calibration, backdoor_probability, log_ratios, reference_line, score_classes
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
@@ -90,6 +90,18 @@ def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability
 def test_scores_only_calibration_never_flags():
     scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig())
     assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
+
+
+def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
+    cfg = DetectionConfig(suspicious_probability=0.8, flag_probability=0.99)
+    line = reference_line(CALIBRATION, cfg, tests=30)
+    # A class scored by its log ratio alone just under the line is neither suspicious nor flagged.
+    assert math.isclose(CALIBRATION.probability(line, 30), 0.8, rel_tol=1e-6)
+    # A flagging line under the suspicious one is the line.
+    lower_flag = DetectionConfig(suspicious_probability=0.95, flag_probability=0.9)
+    assert math.isclose(CALIBRATION.probability(reference_line(CALIBRATION, lower_flag, 30), 30), 0.9, rel_tol=1e-6)
+    # Collecting the calibration's own scores measures every candidate.
+    assert reference_line(Calibration.scores_only(), cfg, tests=30) == 0.0
 
 
 def test_the_shipped_calibration_comes_from_clean_models():

@@ -2,7 +2,7 @@
 
 import torch
 
-from worker.sanitize.reference import train_reference
+from worker.sanitize.reference import LazyReference, train_reference
 
 
 def bright_or_dark(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,3 +25,13 @@ def test_the_same_seed_gives_the_same_reference():
     x, y = bright_or_dark(100, seed=0)
     first, second = (train_reference(x, y, num_classes=2, epochs=1, seed=3) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+def test_the_lazy_reference_trains_once_and_only_when_asked():
+    x, y = bright_or_dark(100, seed=0)
+    reference = LazyReference(x, y, num_classes=2, epochs=1, seed=3)
+    assert reference.model is None and reference.seconds == 0.0
+    first = reference.get()
+    assert reference.get() is first and reference.seconds > 0
+    eager = train_reference(x, y, num_classes=2, epochs=1, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), eager.parameters()))

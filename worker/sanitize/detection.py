@@ -44,6 +44,10 @@ class Calibration:
         calibration models themselves."""
         return cls(math.inf, 1.0, 0, "scores only")
 
+    @property
+    def collects_scores(self) -> bool:
+        return math.isinf(self.mean)
+
     def probability(self, score: float, tests: int) -> float:
         """Chance that a clean model with ``tests`` scores shows none as high as this one."""
         phi = 0.5 * (1 + math.erf((score - self.mean) / (self.std * math.sqrt(2))))
@@ -82,6 +86,17 @@ def reference_ratio(trigger: FoundTrigger) -> float | None:
     if trigger.reference_size is None:
         return None
     return math.log(max(trigger.reference_size, 1e-6) / max(trigger.size, 1e-6))
+
+
+def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int) -> float:
+    """The log ratio above which a class's reference ratio is measured. A class's score is at
+    most its log ratio, so below the suspicious line (or the flagging line, if lower) the
+    reference cannot change a verdict, and the log ratio stands as its score. Collecting the
+    calibration's own scores measures every candidate (log ratio > 0): the fit needs true scores."""
+    if calibration.collects_scores:
+        return 0.0
+    probability = min(cfg.suspicious_probability, cfg.flag_probability)
+    return max(0.0, calibration.score_for(probability, tests))
 
 
 def class_score(log_ratio: float, ratio: float | None) -> float:

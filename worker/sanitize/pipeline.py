@@ -24,14 +24,14 @@ from torch import nn
 
 from . import __version__
 from .config import SanitizeConfig
-from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, score_classes
+from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, reference_line, score_classes
 from .errors import InputError
 from .formats import MODEL_SUFFIXES, sanitized_name
 from .images import trigger_pictures
 from .loading import Samples, load_model, load_samples, samples_from_tensors, save_model
 from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, make_families, search_triggers,
                        train_generator)
-from .reference import train_reference
+from .reference import LazyReference
 from .report import (BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore, SampleCounts, TriggerFile,
                      UnlearningSummary, Verification)
 from .unlearning import accuracy, unlearn
@@ -145,11 +145,13 @@ class Detection:
         return flagged
 
 
-def detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes: int, config: SanitizeConfig,
-           calibration: Calibration, seed: int, on_progress: Callable[[float, str], None]) -> Detection:
-    """Searches every class's smallest trigger in every family, measures the candidates on the
-    held-out split and on the reference model, and scores them against the calibration."""
+def detect(model, reference: LazyReference, shape, x_train, y_train, x_hold, y_hold, num_classes: int,
+           config: SanitizeConfig, calibration: Calibration, seed: int,
+           on_progress: Callable[[float, str], None]) -> Detection:
+    """Searches every class's smallest trigger in every family, measures them on the held-out
+    split and the candidates on the reference model, and scores them against the calibration."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
+    line = reference_line(calibration, config.detection, num_classes * len(families))
     per_family = []
     for i, family in enumerate(families):
         def on_step(step, total, i=i, family=family):
@@ -160,9 +162,11 @@ def detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classe
             trigger.asr = held_out_asr(model, trigger, x_hold, y_hold)
             trigger.size = budget(model, trigger, x_hold, y_hold, config.detection.budget_asr)
         for trigger, log_ratio in zip(found, log_ratios(found)):
-            if log_ratio > 0:  # a candidate: is it as small for a clean model of the data?
-                trigger.reference_size = budget(reference, trigger, x_hold, y_hold, config.detection.budget_asr)
-                trigger.transfer_asr = held_out_asr(reference, trigger, x_hold, y_hold)
+            if log_ratio > line:  # a candidate: is it as small for a clean model of the data?
+                if reference.model is None:
+                    on_progress(i / len(families), "training the reference model on the clean samples")
+                trigger.reference_size = budget(reference.get(), trigger, x_hold, y_hold, config.detection.budget_asr)
+                trigger.transfer_asr = held_out_asr(reference.get(), trigger, x_hold, y_hold)
                 trigger.shifted_asr = held_out_asr(model, trigger, x_hold, y_hold, shift=1)
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection)
@@ -297,7 +301,7 @@ def sanitize_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: S
 
 def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config: SanitizeConfig,
                  device: torch.device, stages: Stages, calibration: Calibration | None) -> Sanitized:
-    """Steps 1 to 6 on a loaded model, which is unlearnt in place if a backdoor is flagged."""
+    """Steps 1 to 5 on a loaded model, which is unlearnt in place if a backdoor is flagged."""
     timings: dict[str, float] = {}
     calibration = calibration or Calibration.load()
 
@@ -320,21 +324,20 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     accuracy_before = accuracy(model, x_report, y_report)
     timings["validate"] = time.perf_counter() - stages.started
 
-    # 2. Train the reference model on the clean samples alone (reference.py): what the data makes
-    # easy, it makes easy too.
+    # 2. Recover the smallest trigger of every class and family, and score them. A class whose
+    # log ratio alone reaches the suspicious line is measured again on the reference model, trained
+    # on the clean samples alone the first time one does (reference.py): what the data makes easy,
+    # it makes easy too.
     t0 = time.perf_counter()
-    stages.report("recovery", 0.0, "training the reference model on the clean samples")
-    reference = train_reference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
-    timings["reference"] = time.perf_counter() - t0
-
-    # 3. Recover the smallest trigger of every class and family, and score them.
-    t0 = time.perf_counter()
+    reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
     detection = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                        config.seed, lambda f, m: stages.report("recovery", f, m))
     triggers = generators_for(model, detection, x_train, y_train, x_hold, y_hold, config, config.seed)
-    timings["recovery"] = time.perf_counter() - t0
+    # The reference's training, wherever it happened, is its own entry.
+    timings["recovery"] = time.perf_counter() - t0 - reference.seconds
+    trained_in_recovery = reference.seconds
 
-    # 4. Unlearn the flagged triggers, then 5. verify with a search from scratch; a trigger the
+    # 3. Unlearn the flagged triggers, then 4. verify with a search from scratch; a trigger the
     # verification still finds is unlearnt in a further round, up to ``rounds``.
     verification, unlearning_runs = None, []
     all_triggers = list(triggers)
@@ -359,7 +362,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         all_triggers += generators_for(model, verification, x_train, y_train, x_hold, y_hold, config,
                                        config.seed + 1000 * (round_number + 1))
     timings["unlearning"] = t_unlearn
-    timings["verification"] = t_verify
+    timings["verification"] = t_verify - (reference.seconds - trained_in_recovery)
+    timings["reference"] = reference.seconds
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
     # nothing even suspicious; any class above that line after unlearning counts as residual.
@@ -373,7 +377,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     changed = bool(triggers)
     accuracy_after = accuracy(model, x_report, y_report) if changed else accuracy_before
 
-    # 6. Report and trigger pictures.
+    # 5. Report and trigger pictures.
     stages.report("report", 0.0, "drawing the trigger pictures")
     pictures, trigger_files = {}, []
     for trigger in triggers:

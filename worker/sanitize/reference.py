@@ -7,6 +7,8 @@ only a few times more of a natural trigger, and 20 to 270 times more of an impla
 one, or never flips at all (detection.py, docs/method.md section 3).
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +35,20 @@ def train_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: 
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class LazyReference:
+    """The reference model, trained on first use: detection needs it only for a class whose log
+    ratio alone reaches the suspicious line, and a model without one never pays for it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int):
+        self.arguments = (x, y, num_classes, epochs, seed)
+        self.model: torch.nn.Module | None = None
+        self.seconds = 0.0  # training time, 0 while untrained
+
+    def get(self) -> torch.nn.Module:
+        if self.model is None:
+            started = time.perf_counter()
+            self.model = train_reference(*self.arguments)
+            self.seconds = time.perf_counter() - started
+        return self.model
