@@ -40,7 +40,8 @@ def test_readyz_reports_an_unmigrated_or_unreachable_database(tmp_path):
 def test_openapi_and_docs(client):
     spec = client.get("/openapi.json").json()
     upload = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert upload["required"] == ["model", "samples"]
+    assert upload["allOf"] == [{"anyOf": [{"required": ["model"]}, {"required": ["model_url"]}]},
+                               {"anyOf": [{"required": ["samples"]}, {"required": ["samples_url"]}]}]
     assert "/jobs/{job_id}/triggers/{trigger_id}.png" in spec["paths"]
     assert client.get("/docs").status_code == 200
 

@@ -42,11 +42,14 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "samples": {"type": "string", "format": "binary", "description":
                     ".npz with arrays x and y, or .zip of class folders of PNG/JPEG images"},
         "model_url": {"type": "string", "description": "instead of model: where the service fetches "
-                      "it (https://, e.g. presigned; s3:// or gs:// from buckets the operator allows)"},
+                      "it (https://, e.g. presigned; s3:// or gs:// from buckets the operator allows; "
+                      "models:/NAME/VERSION or runs:/RUN_ID/PATH on the operator's MLflow server)"},
         "samples_url": {"type": "string", "description": "instead of samples: where the service fetches them"},
         "config": {**schema_ref(JobOptions), "description":
                    'a JSON object: the settings of docs/config.md plus webhook_url, e.g. {"seed": 0}'},
     },
+    # Each input as a file or by URL.
+    "allOf": [{"anyOf": [{"required": [name]}, {"required": [f"{name}_url"]}]} for name in ("model", "samples")],
 }, "encoding": {"config": {"contentType": "application/json"}}}}}}
 
 
