@@ -193,3 +193,9 @@ def test_submit_a_job_then_delete_it_in_a_browser(server, client, backdoored_dig
         client.get(job_id)
     wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#content h1").text.startswith("Jobs"))
     assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"]')
+
+    # Its old page says so in the page's words, not the API's.
+    browser.get(f"{server.url}/ui/jobs/{job_id}")
+    notice = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#content .failure"))
+    assert f"there is no job {job_id}" in notice.text and "the job list shows yours" in notice.text
+    assert "GET /jobs" not in notice.text

@@ -39,7 +39,9 @@ function askForKey(message) {
 
 async function problemDetail(response) {
   try {
-    return (await response.json()).detail || response.statusText;
+    const detail = (await response.json()).detail || response.statusText;
+    // The API's hints name its requests; on this page the job list is the way to your jobs.
+    return detail.replace(/; list yours with GET \/jobs\b/, "; the job list shows yours");
   } catch {
     return `${response.status} ${response.statusText}`;
   }
