@@ -6,6 +6,7 @@ evaluation part.
     baerase bench --suite population --train [--limit N]   # train (and cache) the models
     baerase bench --suite population --calibrate           # fit worker/sanitize/calibration.json
     baerase bench --suite population --detect              # detection alone: ROC-AUC on the evaluation models
+    baerase bench --suite population --detect --neural-cleanse  # ... and Neural Cleanse's beside it
     baerase bench --suite population --evaluate            # the engine on the evaluation models
 
 - Backdoored half: BadNets squares of 2-5 px at corner, edge and centre in white, black and random
@@ -230,16 +231,47 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
     return CALIBRATION_FILE
 
 
-def detection_summary(cache: Path, limit: int | None = None) -> str:
+def neural_cleanse_scores(victim: Victim, datasets: dict[str, Split], cache: Path) -> dict:
+    """Neural Cleanse's detection on one victim (bench/baselines/neural_cleanse.py, its default
+    settings, the same defender's images): every class's mask norm, the largest anomaly index of a
+    class below the median, and the classes it flags; cached."""
+    import time
+
+    from .baselines.neural_cleanse import Settings, anomaly_indices, flag, reverse_engineer
+
+    path = cache / "population" / "neural_cleanse" / f"{victim.key}.json"
+    if not path.exists():
+        if victim.dataset not in datasets:
+            datasets[victim.dataset] = load_dataset(victim.dataset, cache)
+        model_path, _, _ = train_victim(victim, datasets[victim.dataset], cache)
+        print(f"neural cleanse on {victim.key}...", flush=True)
+        model = torch.jit.load(str(model_path)).eval()
+        x_def, y_def = datasets[victim.dataset].defender
+        settings = Settings()
+        started = time.perf_counter()
+        masks, _ = reverse_engineer(model, x_def, int(y_def.max()) + 1, settings, seed=0)
+        seconds = time.perf_counter() - started
+        norms = masks.flatten(1).sum(1)
+        below = norms < norms.quantile(0.5)
+        index = max((i for i, low in zip(anomaly_indices(norms).tolist(), below.tolist()) if low), default=0.0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"norms": norms.tolist(), "anomaly_index": index,
+                                    "flagged": flag(norms, settings.anomaly_threshold), "seconds": seconds}))
+    return json.loads(path.read_text())
+
+
+def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: bool = False) -> str:
     """Detection alone on every trained evaluation model, judged by the current calibration: a
-    Markdown table of each model's most suspicious class and the ROC-AUC of backdoor_probability."""
+    Markdown table of each model's most suspicious class and the ROC-AUC of backdoor_probability;
+    with ``neural_cleanse``, Neural Cleanse's anomaly index and flags beside them."""
     from worker.sanitize.config import DetectionConfig
     from worker.sanitize.detection import Calibration
 
-    calibration, flag = Calibration.load(), DetectionConfig().flag_probability
-    lines = ["| model | targets | top class (family) | score | backdoor_probability | cost (clean epochs) | s |",
-             "|---|---|---|---|---|---|---|"]
-    rows, datasets = [], {}
+    calibration, flag_line = Calibration.load(), DetectionConfig().flag_probability
+    nc_header = " NC anomaly index | NC flags |" if neural_cleanse else ""
+    lines = ["| model | targets | top class (family) | score | backdoor_probability | cost (clean epochs) | s |" + nc_header,
+             "|---|---|---|---|---|---|---|" + "---|---|" * neural_cleanse]
+    ours, theirs, datasets = [], [], {}
     for victim in trained(limit, False, cache):
         result = detection_scores(victim, datasets, cache)
         scores = result["class_scores"]
@@ -247,12 +279,20 @@ def detection_summary(cache: Path, limit: int | None = None) -> str:
         probability = calibration.probability(top["score"], len(scores))
         targets = victim.options.get("targets") or ((victim.options["target"],) if victim.attack else ())
         mark = "" if not targets else (" (target)" if top["class"] in targets else " (not a target)")
-        lines.append(f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "
-                     f"{top['score']:.2f} | {probability:.3f}{' flagged' if probability >= flag else ''} | "
-                     f"{result['cost']:.1f} | {result['seconds']:.0f} |")
-        rows.append({"backdoored": victim.attack is not None, "before": result["before"],
-                     "report": {"backdoor_probability": probability}})
-    return "\n".join(lines + ["", roc_auc_line(rows)])
+        line = (f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "
+                f"{top['score']:.2f} | {probability:.3f}{' flagged' if probability >= flag_line else ''} | "
+                f"{result['cost']:.1f} | {result['seconds']:.0f} |")
+        implanted = None if victim.attack is None else result["before"]["asr"] >= 0.5
+        ours.append((implanted, probability))
+        if neural_cleanse:
+            nc = neural_cleanse_scores(victim, datasets, cache)
+            line += f" {nc['anomaly_index']:.2f} | {', '.join(map(str, nc['flagged'])) or 'none'} |"
+            theirs.append((implanted, nc["anomaly_index"]))
+        lines.append(line)
+    lines += ["", roc_auc_line(ours, "backdoor_probability")]
+    if neural_cleanse:
+        lines.append(roc_auc_line(theirs, "Neural Cleanse's anomaly index"))
+    return "\n".join(lines)
 
 
 def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> list[dict]:
@@ -286,18 +326,20 @@ def summary(rows: list[dict]) -> str:
         asr = "-" if b["asr"] is None else f"{b['asr']:.1%} -> {a['asr']:.1%}"
         lines.append(f"| {row['key']} | {r['verdict']} | {r['backdoor_probability']:.3f} | "
                      f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {row['cost']:.1f} | {r['timings_s']['total']:.0f} |")
-    return "\n".join(lines + ["", roc_auc_line(rows)])
+    models = [(None if not row["backdoored"] else row["before"]["asr"] >= 0.5, row["report"]["backdoor_probability"])
+              for row in rows]
+    return "\n".join(lines + ["", roc_auc_line(models, "backdoor_probability")])
 
 
-def roc_auc_line(rows: list[dict]) -> str:
-    """The ROC-AUC of backdoor_probability over the models whose attack implanted (ASR >= 50%
-    before) against the clean ones."""
-    positives = [r["report"]["backdoor_probability"] for r in rows if r["backdoored"] and r["before"]["asr"] >= 0.5]
-    negatives = [r["report"]["backdoor_probability"] for r in rows if not r["backdoored"]]
+def roc_auc_line(models: list[tuple[bool | None, float]], statistic: str) -> str:
+    """The ROC-AUC of ``statistic`` over (implanted, value) pairs: the backdoored models whose
+    attack implanted (ASR >= 50% before: True) against the clean ones (None); backdoored models
+    whose attack did not implant (False) are left out."""
+    positives = [value for implanted, value in models if implanted]
+    negatives = [value for implanted, value in models if implanted is None]
     pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
     auc = f"{sum(pairs) / len(pairs):.3f}" if pairs else "n/a"
-    return (f"Detection ROC-AUC of backdoor_probability: {auc} ({len(positives)} backdoored, "
-            f"{len(negatives)} clean evaluation models)")
+    return f"Detection ROC-AUC of {statistic}: {auc} ({len(positives)} backdoored, {len(negatives)} clean evaluation models)"
 
 
 def main(argv: list[str]) -> int:
@@ -308,6 +350,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calibrate", action="store_true", help="fit the calibration from the clean calibration models")
     parser.add_argument("--detect", action="store_true", help="detection alone on every trained evaluation "
                         "model: each one's most suspicious class and the ROC-AUC")
+    parser.add_argument("--neural-cleanse", action="store_true", help="with --detect: Neural Cleanse's "
+                        "anomaly index on the same models, and its ROC-AUC")
     parser.add_argument("--evaluate", action="store_true", help="run the engine on every trained evaluation model")
     parser.add_argument("--fresh", action="store_true", help="recompute cached evaluation results")
     parser.add_argument("--limit", type=int, help="only the first N models of the population")
@@ -318,7 +362,7 @@ def main(argv: list[str]) -> int:
     if args.calibrate:
         collect_scores(args.cache, args.limit)
     if args.detect:
-        print(detection_summary(args.cache, args.limit))
+        print(detection_summary(args.cache, args.limit, args.neural_cleanse))
     if args.evaluate:
         print(summary(evaluate_all(args.cache, args.limit, args.fresh)))
     if not (args.train or args.calibrate or args.detect or args.evaluate):

@@ -1,0 +1,16 @@
+"""The arithmetic of the population's detection tables (bench/population.py)."""
+
+from bench.population import roc_auc_line
+
+
+def test_roc_auc_ranks_implanted_backdoors_against_clean_models_only():
+    # (implanted, statistic): True a backdoor that implanted, False one that did not, None clean.
+    models = [(True, 0.9), (True, 0.4), (None, 0.5), (None, 0.1), (False, 0.0)]
+    line = roc_auc_line(models, "the statistic")
+    # 0.9 beats both clean models, 0.4 beats one: 3 of 4 pairs; the failed attack is left out.
+    assert line == "Detection ROC-AUC of the statistic: 0.750 (2 backdoored, 2 clean evaluation models)"
+    assert roc_auc_line([(True, 1.0), (True, 1.0)], "x").startswith("Detection ROC-AUC of x: n/a")
+
+
+def test_a_tie_counts_half():
+    assert "0.500" in roc_auc_line([(True, 0.3), (None, 0.3)], "x")
