@@ -191,17 +191,34 @@ class VGG11(nn.Module):
 
     plan = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, batch_norm: bool = True):
         super().__init__()
         layers, cin = [], in_channels
         for item in self.plan:
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
+                norm = [nn.BatchNorm2d(item)] if batch_norm else []
+                layers += [nn.Conv2d(cin, item, 3, padding=1), *norm, nn.ReLU()]
                 cin = item
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+@register("vgg11_nobn")
+def vgg11_nobn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """VGG-11 without BatchNorm (the original VGG), the same plan as vgg11. Initialised as
+    torchvision's VGG: without BatchNorm, torch's default initialisation shrinks the signal at
+    each of the eight convolutions and training starts from near-constant outputs."""
+    model = VGG11(num_classes, in_channels, batch_norm=False)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+    return model
