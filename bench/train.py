@@ -29,15 +29,16 @@ def crop_and_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Te
     h, w = x.shape[-2:]
     top, left = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
     x = F.pad(x, (pad, pad, pad, pad))[..., top:top + h, left:left + w]
-    flip = torch.rand(len(x), generator=g) < 0.5
+    flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)  # drawn on the CPU on any device
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                      epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                      augment=None):
+    """A model of ``arch`` trained on (x, y), on the device the images are on."""
     torch.manual_seed(seed)
-    model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1])
+    model = build_model(arch, num_classes=num_classes, in_channels=x.shape[1]).to(x.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(x) // batch_size)
     # A cosine schedule lets a short training end near the accuracy a longer one reaches.
@@ -61,7 +62,7 @@ def save_samples(path, x: torch.Tensor, y: torch.Tensor) -> None:
     """Writes clean samples as the .npz the service accepts (uint8 (N, H, W[, C]) and labels)."""
     import numpy as np
 
-    images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images = (x * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     if images.shape[-1] == 1:
         images = images[..., 0]
-    np.savez_compressed(path, x=images, y=y.numpy())
+    np.savez_compressed(path, x=images, y=y.cpu().numpy())

@@ -3,7 +3,8 @@
     defend(model, x, y, num_classes, *, seed=0, quick=False) -> a new defended model
 
 where (x, y) is the defender's clean set and ``quick`` runs every step of the method on tiny
-settings (the test suite's path). The defense never sees the attack."""
+settings (the test suite's path). The defense never sees the attack. The model and the images
+come on one device (the bench's --device); the defense runs there and returns its model there."""
 
 import importlib
 from collections.abc import Callable

@@ -57,10 +57,10 @@ class NeuronPerturbation(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        n = layer.weight.shape[0]
-        self.mask = nn.Parameter(torch.ones(n))
-        self.noise = nn.Parameter(torch.zeros(n))
-        self.noise_bias = nn.Parameter(torch.zeros(n))
+        n, device = layer.weight.shape[0], layer.weight.device
+        self.mask = nn.Parameter(torch.ones(n, device=device))
+        self.noise = nn.Parameter(torch.zeros(n, device=device))
+        self.noise_bias = nn.Parameter(torch.zeros(n, device=device))
         self.perturbed = False
         layer.register_forward_hook(self.hook)
 
@@ -75,7 +75,7 @@ class NeuronPerturbation(nn.Module):
 
     def randomise_noise(self, eps: float, rng: torch.Generator) -> None:
         with torch.no_grad():
-            for noise in (self.noise, self.noise_bias):
+            for noise in (self.noise, self.noise_bias):  # drawn on the CPU, copied to the device
                 noise.copy_((torch.rand(noise.shape, generator=rng) * 2 - 1) * eps)
 
 

@@ -19,10 +19,12 @@ QUICK = {"recovery": {"screen_steps": 10, "refine_steps": 10, "generator_steps":
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
            seed: int = 0, quick: bool = False) -> nn.Module:
-    config = SanitizeConfig(seed=seed, device="cpu", num_classes=num_classes, **(QUICK if quick else {}))
+    # The engine runs on the device the bench gave the model and the images ("cpu" or "cuda").
+    config = SanitizeConfig(seed=seed, device=x.device.type, num_classes=num_classes,
+                            **(QUICK if quick else {}))
     with tempfile.TemporaryDirectory() as tmp:
         model_path, samples_path, out = Path(tmp, "model.pt"), Path(tmp, "samples.npz"), Path(tmp, "out")
         torch.jit.save(torch.jit.script(model), str(model_path))
         save_samples(samples_path, x, y)
         report = sanitize(model_path, samples_path, out, config)
-        return torch.jit.load(str(out / report["model_file"])).eval()
+        return torch.jit.load(str(out / report["model_file"]), map_location=x.device).eval()

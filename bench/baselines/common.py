@@ -9,8 +9,11 @@ from ..train import fit
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:
-    """A copy the defense may change; the model it was given stays as it was."""
-    model = copy.deepcopy(model)
+    """A copy the defense may change; the model it was given stays as it was. Copied without
+    autograd: a TorchScript module's copy would otherwise hold its parameters as non-leaf clones
+    that no optimiser takes (BAERASE's output is one, and the bench re-tunes it)."""
+    with torch.no_grad():
+        model = copy.deepcopy(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -50,7 +50,7 @@ def channel_activations(model: nn.Module, conv: nn.Conv2d, x: torch.Tensor,
     """Mean activation of each output channel of ``conv`` over ``x``. Liu et al. rank post-ReLU
     activations; the ReLU is applied here because in a ResNet a BatchNorm sits between the
     convolution and its activation, out of a hook's reach."""
-    total = torch.zeros(conv.out_channels)
+    total = torch.zeros(conv.out_channels, device=conv.weight.device)
 
     def record(module, inputs, output):
         total.add_(F.relu(output).mean((2, 3)).sum(0))
@@ -67,7 +67,7 @@ def prune_channels(model: nn.Module, channels: torch.Tensor) -> nn.Module:
     """Zero the given output channels of the model's last convolution, in place. The zeros are a
     pruning mask on the weight (and bias), so they stay zero through fine-tuning."""
     conv = last_conv(model)
-    keep = torch.ones(conv.out_channels)
+    keep = torch.ones(conv.out_channels, device=conv.weight.device)
     keep[channels] = 0
     prune.custom_from_mask(conv, "weight", keep.view(-1, 1, 1, 1).expand_as(conv.weight))
     if conv.bias is not None:

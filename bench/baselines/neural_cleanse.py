@@ -62,21 +62,23 @@ def to_unit(v: torch.Tensor) -> torch.Tensor:
 
 class CostSchedule:
     """NC's dynamic cost, one per class, and the best (smallest working) trigger of each class.
-    Fed once per epoch with each class's mean attack success and mask norm over the epoch."""
+    Fed once per epoch with each class's mean attack success and mask norm over the epoch; kept
+    on the device the trigger search runs on."""
 
-    def __init__(self, num_classes: int, settings: Settings):
+    def __init__(self, num_classes: int, settings: Settings, device: torch.device | str = "cpu"):
         self.s = settings
-        self.cost = torch.full((num_classes,), settings.init_cost)
-        self.successes = torch.zeros(num_classes, dtype=torch.long)  # consecutive epochs
-        self.failures = torch.zeros(num_classes, dtype=torch.long)
-        self.raised = torch.zeros(num_classes, dtype=torch.bool)
-        self.lowered = torch.zeros(num_classes, dtype=torch.bool)
-        self.best_norm = torch.full((num_classes,), float("inf"))
+        k = num_classes
+        self.cost = torch.full((k,), settings.init_cost, device=device)
+        self.successes = torch.zeros(k, dtype=torch.long, device=device)  # consecutive epochs
+        self.failures = torch.zeros(k, dtype=torch.long, device=device)
+        self.raised = torch.zeros(k, dtype=torch.bool, device=device)
+        self.lowered = torch.zeros(k, dtype=torch.bool, device=device)
+        self.best_norm = torch.full((k,), float("inf"), device=device)
         self.best_mask: torch.Tensor | None = None
         self.best_pattern: torch.Tensor | None = None
-        self.stale = torch.zeros(num_classes, dtype=torch.long)  # epochs without a 1% better norm
-        self.stale_norm = torch.full((num_classes,), float("inf"))
-        self.stopped = torch.zeros(num_classes, dtype=torch.bool)
+        self.stale = torch.zeros(k, dtype=torch.long, device=device)  # epochs without a 1% better norm
+        self.stale_norm = torch.full((k,), float("inf"), device=device)
+        self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
 
     def update(self, asr: torch.Tensor, norm: torch.Tensor, mask: torch.Tensor,
                pattern: torch.Tensor) -> None:
@@ -111,14 +113,14 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, num_classes: int, settin
     k, b, (c, h, w) = num_classes, settings.batch_size, x.shape[1:]
     # BackdoorBench starts every class from a near-full mask (tanh(1)/2 + 0.5 = 0.88), which
     # already flips most images; the cost then shrinks it.
-    mask_v = torch.ones(k, 1, h, w, requires_grad=True)
-    pattern_v = torch.ones(k, c, h, w, requires_grad=True)
+    mask_v = torch.ones(k, 1, h, w, device=x.device, requires_grad=True)
+    pattern_v = torch.ones(k, c, h, w, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_v, pattern_v], lr=settings.lr, betas=(0.5, 0.9))
-    schedule = CostSchedule(k, settings)
-    targets = torch.arange(k).repeat_interleave(b)
+    schedule = CostSchedule(k, settings, x.device)
+    targets = torch.arange(k, device=x.device).repeat_interleave(b)
     g = torch.Generator().manual_seed(seed)
     for _ in range(settings.epochs):
-        asr, norm = torch.zeros(k), torch.zeros(k)
+        asr, norm = torch.zeros(k, device=x.device), torch.zeros(k, device=x.device)
         for _ in range(settings.epoch_steps):
             xb = x[torch.randint(len(x), (b,), generator=g)]
             mask, pattern = to_unit(mask_v), to_unit(pattern_v)
