@@ -120,3 +120,26 @@ def test_multi_trigger_has_two_triggers_with_their_targets_each_poisoning_half(d
     first, second = attack.shuffled(len(x))[: int(0.2 * len(x))].tensor_split(2)
     assert (yp[first] == 1).all() and torch.equal(xp[first], square(x[first]))
     assert (yp[second] == 6).all() and torch.equal(xp[second], checkerboard(x[second]))
+
+
+def colour_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 30 * 30, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_stamps_and_poisons_colour_32x32_images(name):
+    """The CIFAR-10 suite's images: 3 channels, 32 x 32."""
+    x, y = torch.rand(60, 3, 32, 32), torch.arange(60) % 10
+    attack = ATTACKS[name](targets=(1, 6)) if name == "multi" else ATTACKS[name](target=3)
+    if attack.needs_clean_model:
+        attack.fit(colour_model(), x)
+    for stamp, target in attack.triggers():
+        stamped = stamp(x)
+        assert stamped.shape == x.shape and stamped.dtype == x.dtype
+        assert 0 <= stamped.min() and stamped.max() <= 1
+        assert changed(stamped, x).all() and torch.equal(stamp(x), stamped)  # every image, the same way
+    xp, yp = attack.poison(x, y)
+    assert xp.shape == x.shape and yp.shape == y.shape and 0 <= xp.min() and xp.max() <= 1
+    assert changed(xp, x).any()
