@@ -1,16 +1,27 @@
 """The bench's outputs: docs/benchmarks.md (tables) and docs/benchmarks.png (CA against ASR),
 built from the cached per-row results and nothing else, so no number is ever typed by hand."""
 
+from collections import Counter
 from pathlib import Path
 from statistics import mean
 
 from .baselines import DEFENSES
+from .metrics import RETUNE_BATCH, RETUNE_LR, RETUNE_MOMENTUM, RETUNE_POISON_SHARE
 
 LABELS = {"none": "none", **{name: label for name, (label, _) in DEFENSES.items()}}
 
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
+
+
+def retuned_asr(row: dict) -> str:
+    """The row's re-tuned ASR; rows measured before the column existed have none."""
+    return percent(row["asr_retuned"]) if "asr_retuned" in row else "not run"
+
+
+def device(row: dict) -> str:
+    return row.get("device", "cpu")  # rows from before --device all ran on the CPU
 
 
 def ordered(rows: list[dict], order: dict[str, list[str]]) -> list[dict]:
@@ -25,11 +36,14 @@ def mean_of(rows: list[dict], field: str) -> float | None:
     return mean(values) if values else None
 
 
-def write_table(rows: list[dict], path: Path, *, command: str, machine: str, setup: str,
+def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
                 order: dict[str, list[str]]) -> None:
     rows = ordered(rows, order)
     defenses = [d for d in order["defense"] if any(r["defense"] == d for r in rows)]
     commits = sorted({r["commit"] for r in rows})
+    machines = Counter(r.get("machine", "not recorded") for r in rows)
+    machine = (next(iter(machines)) if len(machines) == 1 else "; ".join(
+        f"{m} ({n} rows)" for m, n in machines.items()) + " (each row's device: the per-row tables)")
     lines = [
         "# Benchmarks",
         "",
@@ -45,6 +59,12 @@ def write_table(rows: list[dict], path: Path, *, command: str, machine: str, set
         "  class (mean over a model's triggers). RA: those put in their true class. DER =",
         "  [max(0, ASR drop) - max(0, CA drop) + 1] / 2. Cost: the defense's wall time in",
         "  forward+backward passes over the defender's clean set, measured in the same run.",
+        "- Re-tuned ASR: the ASR after a copy of the defended model is fine-tuned for one epoch on",
+        f"  the defender's clean set plus poisoned images, {RETUNE_POISON_SHARE:.0%} of its size (at least one;",
+        "  the setup line gives the number): images of other classes carrying the trigger, labelled",
+        f"  with its target. SGD, constant lr {RETUNE_LR}, momentum {RETUNE_MOMENTUM}, batches of {RETUNE_BATCH}.",
+        "  A backdoor the defense removed stays low; one it only hid comes back. \"not run\" there:",
+        "  a row measured before the column existed (`--fresh` measures it again).",
         "",
     ]
     for arch in order["arch"]:
@@ -68,13 +88,20 @@ def write_table(rows: list[dict], path: Path, *, command: str, machine: str, set
         for field, name in (("ca", "mean CA"), ("asr", "mean ASR"), ("ra", "mean RA"), ("der", "mean DER")):
             values = [mean_of([r for r in backdoored if r["defense"] == d], field) for d in defenses]
             lines.append(f"| **{name}** | " + " | ".join(percent(v) for v in values) + " |")
+        # Not run until every row of the mean has it: a mean over some of the models would not compare.
+        per_defense = [[r for r in backdoored if r["defense"] == d] for d in defenses]
+        lines.append("| **mean re-tuned ASR** | " + " | ".join(
+            percent(mean_of(of_one, "asr_retuned")) if all("asr_retuned" in r for r in of_one) else "not run"
+            for of_one in per_defense) + " |")
         for field, name in (("seconds", "mean seconds"), ("cost", "mean cost (clean epochs)")):
             values = [mean_of([r for r in backdoored if r["defense"] == d], field) for d in defenses]
             lines.append(f"| **{name}** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
-        lines += ["", "| attack | defense | CA | ASR | RA | DER | seconds | cost |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
-                         f"{percent(r['ra'])} | {percent(r['der'])} | {r['seconds']:.0f} | {r['cost']:.0f} |")
+                         f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
+                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} |")
         lines.append("")
     lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +110,8 @@ def write_table(rows: list[dict], path: Path, *, command: str, machine: str, set
 
 def losses(rows: list[dict]) -> list[str]:
     """Every model on which a baseline beats BAERASE (higher DER on a backdoored model, a smaller
-    CA change on the clean one), or on which BAERASE left the backdoor working."""
+    CA change on the clean one), on which BAERASE left the backdoor working, or from which
+    re-tuning brought it back."""
     found = []
     for ours in (r for r in rows if r["defense"] == "baerase"):
         others = [r for r in rows if r["arch"] == ours["arch"] and r["attack"] == ours["attack"]
@@ -102,6 +130,9 @@ def losses(rows: list[dict]) -> list[str]:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}; better: {', '.join(detail)}")
         elif ours["asr"] is not None and ours["asr"] > 0.1:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}: the backdoor survived")
+        if ours["asr"] is not None and ours["asr"] <= 0.1 and (ours.get("asr_retuned") or 0) > 0.1:
+            found.append(f"- {ours['arch']} / {ours['attack']}: BAERASE ASR {percent(ours['asr'])}, "
+                         f"re-tuned ASR {percent(ours['asr_retuned'])}: re-tuning brought the backdoor back")
     return found or ["Nowhere in this run."]
 
 
