@@ -6,6 +6,7 @@ from pathlib import Path
 from statistics import mean
 
 from .baselines import DEFENSES
+from .published import published_section
 from .metrics import RETUNE_BATCH, RETUNE_LR, RETUNE_MOMENTUM, RETUNE_POISON_SHARE
 
 LABELS = {"none": "none", **{name: label for name, (label, _) in DEFENSES.items()}}
@@ -103,7 +104,7 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
                          f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
                          f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} |")
         lines.append("")
-    lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""]
+    lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""] + published_section()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

@@ -2,7 +2,7 @@
 
     baerase bench --suite fmnist           # the whole grid -> docs/benchmarks.md, docs/benchmarks.png
     baerase bench --suite fmnist --quick   # small CNN, BadNets and a clean model, tiny defense settings
-    baerase bench --suite cifar10 --device cuda   # VGG-11 with and without BatchNorm, on a GPU
+    baerase bench --suite cifar10 --device cuda   # VGG-11 with and without BatchNorm, on a GPU -> docs/benchmarks-cifar10.md
 
 Every (architecture, attack, defense) result is cached as JSON, so an interrupted run resumes
 where it stopped and the table is always rebuilt from every cached result of the suite (of its
@@ -231,7 +231,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="run nothing: rewrite the table and plot from the cached results")
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"),
                         help="trained models and per-row results (default .cache/bench)")
-    parser.add_argument("--out", type=Path, help="where benchmarks.md and benchmarks.png go "
+    parser.add_argument("--out", type=Path, help="where benchmarks[-SUITE].md and .png go "
                         "(default docs/, or bench-out/ with --quick)")
     return parser
 
@@ -268,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     # The table holds every cached row of the suite, whichever runs filled them: the command
     # that reproduces it is the whole suite's.
     command = f"baerase bench --suite {args.suite}" + (" --quick" if args.quick else "")
-    write_table(rows, out / "benchmarks.md", command=command, setup=setup, order=order)
-    write_plot(rows, out / "benchmarks.png", order=order)
-    print(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.png'}")
+    # One table per suite; Fashion-MNIST's is the one the docs link as benchmarks.md.
+    name = "benchmarks" if args.suite == "fmnist" else f"benchmarks-{args.suite}"
+    write_table(rows, out / f"{name}.md", command=command, setup=setup, order=order)
+    write_plot(rows, out / f"{name}.png", order=order)
+    print(f"wrote {out / name}.md and {out / name}.png")
     return 0
 
 

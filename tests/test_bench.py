@@ -36,13 +36,14 @@ def test_quick_bench_runs_every_defense_and_writes_table_and_plot(tmp_path):
         if r["attack"] == "badnets":
             assert 0 <= r["asr_retuned"] <= 1 and 0 <= r["ca_retuned"] <= 1
 
-    table = (out / "benchmarks.md").read_text()
+    table = (out / "benchmarks-digits.md").read_text()
     assert "baerase bench --suite digits --quick" in table
     for label, _ in DEFENSES.values():
         assert f"| {label} |" in table.split("## Where BAERASE loses or fails")[0]
     assert "| **mean re-tuned ASR** |" in table and "| re-tuned ASR |" in table
     assert "re-tuning adds 3 poisoned ones" in table  # 1% of the defender's 300 images
-    assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "benchmarks-digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Published, not measured here" in table and "backdoorbench.github.io" in table
 
     # A second run reuses every cached row instead of defending again.
     stamps = {p: p.stat().st_mtime_ns for p in (cache / "results").rglob("*.json")}
