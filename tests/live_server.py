@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ~0.5. The low flagging line makes the job go through every stage (unlearning, verification,
 # trigger pictures), whatever the verdict.
 QUICK_CONFIG = {"seed": 0, "unlearning": {"epochs": 2, "rounds": 1},
-                "detection": {"flag_probability": 0.2, "suspicious_probability": 0.1}}
+                "detection": {"flag_probability": 0.2, "suspicious_probability": 0.1, "reference_epochs": 10}}
 
 
 @pytest.fixture(scope="session")

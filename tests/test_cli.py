@@ -55,7 +55,7 @@ def test_clean_model_is_returned_untouched(clean_case, tmp_path):
 def small_run_config(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"recovery": {"screen_steps": 10, "refine_steps": 10, "generator_steps": 10},
-                                "unlearning": {"epochs": 1, "rounds": 1}}))
+                                "detection": {"reference_epochs": 2}, "unlearning": {"epochs": 1, "rounds": 1}}))
     return path
 
 

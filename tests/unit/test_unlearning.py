@@ -7,7 +7,7 @@ from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator
-from worker.sanitize.unlearning import diagonal_fisher, unlearn, unlearning_loss
+from worker.sanitize.unlearning import diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
 
 
 def loss(model, triggers, x, y, k):
@@ -62,6 +62,17 @@ def test_fisher_is_normalised_and_largest_where_the_loss_depends_most():
     fisher = diagonal_fisher(model, params, x, torch.randint(0, 3, (64,)))
     assert math.isclose(max(f.max() for f in fisher).item(), 1.0, rel_tol=1e-6)
     assert fisher[0][:, 8:].abs().max() == 0 and fisher[0][:, :8].mean() > 0
+
+
+def test_the_anchor_pulls_towards_the_original_weights_and_never_past_them():
+    anchor, moved = [torch.zeros(3)], torch.tensor([1.0, -2.0, 4.0])
+    fisher = [torch.tensor([0.0, 0.5, 1.0])]
+    for strength, expected in ((1.0, [1.0, -2 / 1.5, 2.0]), (1e6, [1.0, 0.0, 0.0])):
+        params = [moved.clone()]
+        pull_to_anchor(params, anchor, fisher, strength)
+        # F = 0 leaves a weight free; any strength, however large (where the anchor's gradient
+        # step would overshoot and diverge), moves a weight part of the way home, not beyond.
+        assert torch.allclose(params[0], torch.tensor(expected), atol=1e-5)
 
 
 class Exploding(nn.Module):
