@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
-from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator
-from worker.sanitize.unlearning import diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
+from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator, WarpFamily
+from worker.sanitize.unlearning import anchor_weight, diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
 
 
 def loss(model, triggers, x, y, k):
@@ -85,6 +85,15 @@ class Exploding(nn.Module):
     def forward(self, x):
         out = self.linear(x.flatten(1))
         return out * 1e30 * 1e30 if self.linear.weight.abs().max() > 10 else out
+
+
+def test_warps_alone_get_the_warp_anchor_and_any_small_trigger_the_weaker_one():
+    cfg = UnlearningConfig(fisher_weight=3000, fisher_weight_warp=10000)
+    warp = RecoveredTrigger(2, WarpFamily((1, 4, 4)), TriggerGenerator(torch.zeros(32), noise_dim=12, hidden=8),
+                            size=0.3, asr=1.0)
+    assert anchor_weight([warp], cfg) == 10000
+    assert anchor_weight([warp, trigger(1)], cfg) == 3000
+    assert anchor_weight([trigger(1)], cfg) == 3000
 
 
 def test_unlearning_never_returns_non_finite_weights():
