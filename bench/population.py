@@ -295,6 +295,19 @@ def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: boo
     return "\n".join(lines)
 
 
+def clean_model_asr(victim: Victim, attack, data: Split, cache: Path) -> float | None:
+    """The victim's true trigger on the trained calibration models of its data and architecture
+    (their mean ASR): what models that never saw a poisoned image do with the same trigger, the
+    floor an erased backdoor comes down to (a white square sends 3-5% of Fashion-MNIST images to
+    "sandal" on clean small CNNs). None for a clean victim, or when no such model is trained."""
+    if attack is None:
+        return None
+    clean = [v for v in trained(None, True, cache) if (v.dataset, v.arch) == (victim.dataset, victim.arch)]
+    rates = [evaluate(torch.jit.load(str(train_victim(v, data, cache)[0])).eval(), attack, *data.test)["asr"]
+             for v in clean]
+    return sum(rates) / len(rates) if rates else None
+
+
 def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> list[dict]:
     """The engine on every trained evaluation model (cached per model)."""
     rows = []
@@ -306,6 +319,8 @@ def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> 
                 datasets[victim.dataset] = load_dataset(victim.dataset, cache)
             print(f"sanitizing {victim.key}...", flush=True)
             row = sanitize_victim(victim, datasets[victim.dataset], cache)
+            _, attack, _ = train_victim(victim, datasets[victim.dataset], cache)
+            row["clean_model_asr"] = clean_model_asr(victim, attack, datasets[victim.dataset], cache)
             result_path.parent.mkdir(parents=True, exist_ok=True)
             result_path.write_text(json.dumps(row, indent=2))
             r = row["report"]
@@ -319,13 +334,16 @@ def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> 
 def summary(rows: list[dict]) -> str:
     """A Markdown table of the evaluation rows, and the detection ROC-AUC of backdoor_probability
     over the models whose attack implanted (ASR >= 50% before)."""
-    lines = ["| model | verdict | p | CA before -> after | true ASR before -> after | cost (clean epochs) | s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | verdict | p | CA before -> after | true ASR before -> after | clean models' ASR | "
+             "cost (clean epochs) | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r, b, a = row["report"], row["before"], row["after"]
         asr = "-" if b["asr"] is None else f"{b['asr']:.1%} -> {a['asr']:.1%}"
+        floor = "-" if row.get("clean_model_asr") is None else f"{row['clean_model_asr']:.1%}"
         lines.append(f"| {row['key']} | {r['verdict']} | {r['backdoor_probability']:.3f} | "
-                     f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {row['cost']:.1f} | {r['timings_s']['total']:.0f} |")
+                     f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {floor} | {row['cost']:.1f} | "
+                     f"{r['timings_s']['total']:.0f} |")
     models = [(None if not row["backdoored"] else row["before"]["asr"] >= 0.5, row["report"]["backdoor_probability"])
               for row in rows]
     return "\n".join(lines + ["", roc_auc_line(models, "backdoor_probability")])

@@ -1,6 +1,6 @@
 """The arithmetic of the population's detection tables (bench/population.py)."""
 
-from bench.population import roc_auc_line
+from bench.population import roc_auc_line, summary
 
 
 def test_roc_auc_ranks_implanted_backdoors_against_clean_models_only():
@@ -14,3 +14,14 @@ def test_roc_auc_ranks_implanted_backdoors_against_clean_models_only():
 
 def test_a_tie_counts_half():
     assert "0.500" in roc_auc_line([(True, 0.3), (None, 0.3)], "x")
+
+
+def test_the_summary_puts_the_clean_models_asr_of_the_same_trigger_beside_the_result():
+    report = {"verdict": "removed", "backdoor_probability": 1.0, "timings_s": {"total": 90.0}}
+    row = {"key": "fmnist-small_cnn-badnets-s32", "backdoored": True, "report": report, "cost": 60.0,
+           "before": {"ca": 0.87, "asr": 0.99}, "after": {"ca": 0.865, "asr": 0.039}, "clean_model_asr": 0.044}
+    line = summary([row]).splitlines()[2]
+    assert "| 99.0% -> 3.9% | 4.4% |" in line
+    clean = {**row, "backdoored": False, "before": {"ca": 0.9, "asr": None}, "after": {"ca": 0.9, "asr": None},
+             "clean_model_asr": None}
+    assert "| - | - |" in summary([clean]).splitlines()[2]
