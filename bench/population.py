@@ -8,6 +8,7 @@ evaluation part.
     baerase bench --suite population --detect              # detection alone: ROC-AUC on the evaluation models
     baerase bench --suite population --detect --neural-cleanse  # ... and Neural Cleanse's beside it
     baerase bench --suite population --evaluate            # the engine on the evaluation models
+    baerase bench --suite population --evaluate --neural-cleanse  # ... and Neural Cleanse's detection beside it
 
 - Backdoored half: BadNets squares of 2-5 px at corner, edge and centre in white, black and random
   colour, Blended (noise and image patterns, alpha 0.1-0.2), a TrojanNN watermark, a checkerboard,
@@ -308,8 +309,10 @@ def clean_model_asr(victim: Victim, attack, data: Split, cache: Path) -> float |
     return sum(rates) / len(rates) if rates else None
 
 
-def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> list[dict]:
-    """The engine on every trained evaluation model (cached per model)."""
+def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False,
+                 neural_cleanse: bool = False) -> list[dict]:
+    """The engine on every trained evaluation model (cached per model); with ``neural_cleanse``,
+    each row also holds Neural Cleanse's detection on the same model."""
     rows = []
     datasets: dict[str, Split] = {}
     for victim in trained(limit, False, cache):
@@ -327,16 +330,21 @@ def evaluate_all(cache: Path, limit: int | None = None, fresh: bool = False) -> 
             print(f"  {r['verdict']} p={r['backdoor_probability']:.3f} CA {row['before']['ca']:.3f}->{row['after']['ca']:.3f}"
                   + ("" if row["after"]["asr"] is None else f" ASR {row['before']['asr']:.3f}->{row['after']['asr']:.3f}")
                   + f" cost {row['cost']:.1f} epochs ({r['timings_s']['total']:.0f} s)", flush=True)
-        rows.append(json.loads(result_path.read_text()))
+        row = json.loads(result_path.read_text())
+        if neural_cleanse:
+            row["neural_cleanse"] = neural_cleanse_scores(victim, datasets, cache)
+        rows.append(row)
     return rows
 
 
 def summary(rows: list[dict]) -> str:
     """A Markdown table of the evaluation rows, and the detection ROC-AUC of backdoor_probability
-    over the models whose attack implanted (ASR >= 50% before)."""
+    over the models whose attack implanted (ASR >= 50% before); Neural Cleanse's anomaly index,
+    flags and ROC-AUC beside them where the rows hold its results."""
+    neural_cleanse = all("neural_cleanse" in row for row in rows) and bool(rows)
     lines = ["| model | verdict | p | CA before -> after | true ASR before -> after | clean models' ASR | "
-             "cost (clean epochs) | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "cost (clean epochs) | s |" + " NC anomaly index | NC flags |" * neural_cleanse,
+             "|---|---|---|---|---|---|---|---|" + "---|---|" * neural_cleanse]
     for row in rows:
         r, b, a = row["report"], row["before"], row["after"]
         asr = "-" if b["asr"] is None else f"{b['asr']:.1%} -> {a['asr']:.1%}"
@@ -344,9 +352,16 @@ def summary(rows: list[dict]) -> str:
         lines.append(f"| {row['key']} | {r['verdict']} | {r['backdoor_probability']:.3f} | "
                      f"{b['ca']:.1%} -> {a['ca']:.1%} | {asr} | {floor} | {row['cost']:.1f} | "
                      f"{r['timings_s']['total']:.0f} |")
-    models = [(None if not row["backdoored"] else row["before"]["asr"] >= 0.5, row["report"]["backdoor_probability"])
-              for row in rows]
-    return "\n".join(lines + ["", roc_auc_line(models, "backdoor_probability")])
+        if neural_cleanse:
+            nc = row["neural_cleanse"]
+            lines[-1] += f" {nc['anomaly_index']:.2f} | {', '.join(map(str, nc['flagged'])) or 'none'} |"
+    implanted = [None if not row["backdoored"] else row["before"]["asr"] >= 0.5 for row in rows]
+    lines += ["", roc_auc_line([(i, row["report"]["backdoor_probability"]) for i, row in zip(implanted, rows)],
+                               "backdoor_probability")]
+    if neural_cleanse:
+        lines.append(roc_auc_line([(i, row["neural_cleanse"]["anomaly_index"]) for i, row in zip(implanted, rows)],
+                                  "Neural Cleanse's anomaly index"))
+    return "\n".join(lines)
 
 
 def roc_auc_line(models: list[tuple[bool | None, float]], statistic: str) -> str:
@@ -368,8 +383,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calibrate", action="store_true", help="fit the calibration from the clean calibration models")
     parser.add_argument("--detect", action="store_true", help="detection alone on every trained evaluation "
                         "model: each one's most suspicious class and the ROC-AUC")
-    parser.add_argument("--neural-cleanse", action="store_true", help="with --detect: Neural Cleanse's "
-                        "anomaly index on the same models, and its ROC-AUC")
+    parser.add_argument("--neural-cleanse", action="store_true", help="with --detect or --evaluate: Neural "
+                        "Cleanse's anomaly index on the same models, and its ROC-AUC")
     parser.add_argument("--evaluate", action="store_true", help="run the engine on every trained evaluation model")
     parser.add_argument("--fresh", action="store_true", help="recompute cached evaluation results")
     parser.add_argument("--limit", type=int, help="only the first N models of the population")
@@ -382,7 +397,7 @@ def main(argv: list[str]) -> int:
     if args.detect:
         print(detection_summary(args.cache, args.limit, args.neural_cleanse))
     if args.evaluate:
-        print(summary(evaluate_all(args.cache, args.limit, args.fresh)))
+        print(summary(evaluate_all(args.cache, args.limit, args.fresh, args.neural_cleanse)))
     if not (args.train or args.calibrate or args.detect or args.evaluate):
         parser.print_help()
     return 0

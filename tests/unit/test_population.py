@@ -25,3 +25,16 @@ def test_the_summary_puts_the_clean_models_asr_of_the_same_trigger_beside_the_re
     clean = {**row, "backdoored": False, "before": {"ca": 0.9, "asr": None}, "after": {"ca": 0.9, "asr": None},
              "clean_model_asr": None}
     assert "| - | - |" in summary([clean]).splitlines()[2]
+
+
+def test_neural_cleanses_detection_sits_beside_ours_when_every_row_holds_it():
+    report = {"verdict": "clean", "backdoor_probability": 0.1, "timings_s": {"total": 60.0}}
+    clean = {"key": "clean", "backdoored": False, "report": report, "cost": 30.0, "before": {"ca": 0.9, "asr": None},
+             "after": {"ca": 0.9, "asr": None}, "neural_cleanse": {"anomaly_index": 2.5, "flagged": [8]}}
+    backdoored = {**clean, "key": "badnets", "backdoored": True, "before": {"ca": 0.9, "asr": 0.99},
+                  "after": {"ca": 0.9, "asr": 0.01}, "report": {**report, "backdoor_probability": 1.0},
+                  "neural_cleanse": {"anomaly_index": 1.5, "flagged": []}}
+    table = summary([clean, backdoored])
+    assert "| 2.50 | 8 |" in table and "| 1.50 | none |" in table
+    assert "ROC-AUC of backdoor_probability: 1.000" in table
+    assert "ROC-AUC of Neural Cleanse's anomaly index: 0.000" in table
