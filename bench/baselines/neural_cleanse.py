@@ -109,7 +109,10 @@ class CostSchedule:
 def reverse_engineer(model: nn.Module, x: torch.Tensor, num_classes: int, settings: Settings,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Each class's smallest working trigger: masks (K, 1, H, W) and patterns (K, C, H, W)."""
-    model = copy.deepcopy(model).eval().requires_grad_(False)  # BatchNorm statistics stay fixed
+    with torch.no_grad():
+        model = copy.deepcopy(model).eval()  # BatchNorm statistics stay fixed
+    for p in model.parameters():  # one by one: a TorchScript module has no requires_grad_()
+        p.requires_grad_(False)
     k, b, (c, h, w) = num_classes, settings.batch_size, x.shape[1:]
     # BackdoorBench starts every class from a near-full mask (tanh(1)/2 + 0.5 = 0.88), which
     # already flips most images; the cost then shrinks it.

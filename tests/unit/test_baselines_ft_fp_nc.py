@@ -117,8 +117,9 @@ class PatchBackdoor(nn.Module):
         return torch.cat([20 * (corner - 3.5)[:, None], others], 1)
 
 
-def test_mask_search_finds_a_small_mask_for_the_patched_class():
-    model = PatchBackdoor()
+@pytest.mark.parametrize("script", [False, True], ids=["module", "torchscript"])
+def test_mask_search_finds_a_small_mask_for_the_patched_class(script):
+    model = torch.jit.script(PatchBackdoor()) if script else PatchBackdoor()
     x = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     masks, patterns = reverse_engineer(model, x, 5, Settings(epochs=15, batch_size=16), seed=0)
     norms = masks.flatten(1).sum(1)
