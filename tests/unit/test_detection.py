@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import Calibration, backdoor_probability, log_ratios, reference_line, score_classes
+from worker.sanitize.detection import (Calibration, ClassScore, backdoor_probability, log_ratios, reference_line,
+                                      score_classes)
+from worker.sanitize.pipeline import Detection
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
@@ -112,3 +114,17 @@ def test_the_shipped_calibration_comes_from_clean_models():
 @pytest.mark.parametrize("n", [2, 3])
 def test_few_classes_do_not_crash(n):
     assert flagged(found([0.3] * n)) == []
+
+
+def test_a_touched_model_unlearns_every_working_class_above_the_suspicious_line_once_each():
+    def score(target, family, probability, asr=0.9):
+        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability,
+                          flagged=probability >= 0.99 and asr >= 0.5)
+
+    scores = [score(5, "mask", 0.999), score(5, "blend", 0.95), score(2, "mask", 0.978),
+              score(9, "mask", 0.978, asr=0.3), score(8, "warp", 0.5)]
+    detection = Detection({}, scores, 0.999)
+    assert [s.target for s in detection.flagged] == [5]
+    # The second target of a multi-target model, under the flagging line; not the class whose
+    # trigger misses held-out images, nor the ordinary one; class 5 once, by its top family.
+    assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(5, "mask"), (2, "mask")]

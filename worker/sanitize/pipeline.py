@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import SanitizeConfig
+from .config import DetectionConfig, SanitizeConfig
 from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, reference_line, score_classes
 from .errors import InputError
 from .formats import MODEL_SUFFIXES, sanitized_name
@@ -137,12 +137,27 @@ class Detection:
     @property
     def flagged(self) -> list[ClassScore]:
         """At most one score per class: its most suspicious flagged family."""
-        seen, flagged = set(), []
-        for score in self.scores:
-            if score.flagged and score.target not in seen:
-                seen.add(score.target)
-                flagged.append(score)
-        return flagged
+        return one_per_class([score for score in self.scores if score.flagged])
+
+    def to_unlearn(self, cfg: DetectionConfig) -> list[ClassScore]:
+        """The classes to unlearn in a model known to hold a backdoor (a class was flagged, or it
+        is being unlearnt already): the flagged ones and every class above the suspicious line
+        whose trigger works on held-out images. The flagging line keeps clean models untouched;
+        once a model is touched, a lower line catches the other targets of a multi-target
+        backdoor, which score under the first (a three-target model: 0.999, then 0.978 twice)."""
+        line = min(cfg.suspicious_probability, cfg.flag_probability)
+        return one_per_class([score for score in self.scores if score.flagged or (
+            score.probability >= line and score.asr >= cfg.min_held_out_asr)])
+
+
+def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
+    """The first (most suspicious) score of each class."""
+    seen, kept = set(), []
+    for score in scores:
+        if score.target not in seen:
+            seen.add(score.target)
+            kept.append(score)
+    return kept
 
 
 def detect(model, reference: LazyReference, shape, x_train, y_train, x_hold, y_hold, num_classes: int,
@@ -174,11 +189,11 @@ def detect(model, reference: LazyReference, shape, x_train, y_train, x_hold, y_h
     return Detection(found, scores, backdoor_probability(scores))
 
 
-def generators_for(model, detection: Detection, x_train, y_train, x_hold, y_hold, config: SanitizeConfig,
-                   seed: int) -> list[RecoveredTrigger]:
-    """The paper's max-entropy generator for each flagged class, started at its found trigger."""
+def generators_for(model, detection: Detection, scores: list[ClassScore], x_train, y_train, x_hold, y_hold,
+                   config: SanitizeConfig, seed: int) -> list[RecoveredTrigger]:
+    """The paper's max-entropy generator for each class of ``scores``, started at its found trigger."""
     triggers = []
-    for score in detection.flagged:
+    for score in scores:
         found = detection.found[(score.target, score.family)]
         generator = train_generator(model, found, x_train, y_train, config.recovery, seed + score.target)
         trigger = RecoveredTrigger(score.target, found.family, generator, found.size, 0.0)
@@ -332,7 +347,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
     detection = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                        config.seed, lambda f, m: stages.report("recovery", f, m))
-    triggers = generators_for(model, detection, x_train, y_train, x_hold, y_hold, config, config.seed)
+    to_unlearn = detection.to_unlearn(config.detection) if detection.flagged else []
+    triggers = generators_for(model, detection, to_unlearn, x_train, y_train, x_hold, y_hold, config, config.seed)
     # The reference's training, wherever it happened, is its own entry.
     timings["recovery"] = time.perf_counter() - t0 - reference.seconds
     trained_in_recovery = reference.seconds
@@ -359,8 +375,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         if verification.probability < config.detection.suspicious_probability or (
                 round_number + 1 == config.unlearning.rounds):
             break
-        all_triggers += generators_for(model, verification, x_train, y_train, x_hold, y_hold, config,
-                                       config.seed + 1000 * (round_number + 1))
+        all_triggers += generators_for(model, verification, verification.to_unlearn(config.detection), x_train,
+                                       y_train, x_hold, y_hold, config, config.seed + 1000 * (round_number + 1))
     timings["unlearning"] = t_unlearn
     timings["verification"] = t_verify - (reference.seconds - trained_in_recovery)
     timings["reference"] = reference.seconds
@@ -390,7 +406,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, residual, config),
+        verdict_reason=verdict_reason(verdict, detection, verification, [t.target for t in triggers], residual, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
         detected_targets=[t.target for t in triggers],
@@ -424,7 +440,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     return Sanitized(module, report, pictures)
 
 
-def verdict_reason(verdict: str, detection: Detection, verification: Detection | None,
+def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
                    residual: list[int], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
@@ -446,7 +462,11 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         return (f"class {top.target} ({top.family} family) needs an unusually small trigger, but "
                 f"{' and '.join(why)}; the model is returned unchanged: inspect it, or give more samples")
     if verdict == "removed":
-        return (f"backdoor found for class(es) {[s.target for s in detection.flagged]}; after unlearning, "
+        flagged = [s.target for s in detection.flagged]
+        others = [t for t in detected if t not in flagged]
+        also = "" if not others else (f", and class(es) {others}, above the suspicious line in the same model, "
+                                      "unlearnt with it")
+        return (f"backdoor found for class(es) {flagged}{also}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f})")
     return (f"after unlearning, a new trigger search from scratch still finds unusually small triggers "
