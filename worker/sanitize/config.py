@@ -45,7 +45,7 @@ class UnlearningConfig(Strict):
     epochs: int = Field(5, ge=0, le=100, description="passes over the training split (0: no unlearning)")
     batch_size: int = Field(64, ge=4, le=4096)
     lr: float = Field(0.01, gt=0, le=1, description="SGD learning rate, cosine-annealed to 0")
-    fisher_weight: float = Field(3000.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights")
+    fisher_weight: float = Field(3000.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights (unless every trigger is a warp)")
     fisher_weight_warp: float = Field(10000.0, ge=0, le=1e6, description="the anchor's weight when every trigger unlearnt is a warp")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     rounds: int = Field(2, ge=1, le=5, description="unlearning rounds while verification still finds a trigger")
