@@ -115,3 +115,32 @@ def test_zero_epochs_leave_the_model_as_it_was():
     x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
     result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, UnlearningConfig(epochs=0))
     assert result.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class Fragile(nn.Module):
+    """Reads the label from the image (always right) until its weights move: then it never
+    answers class 2, a collapse to 2/3 accuracy that is still above chance."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(3))
+        self.register_buffer("original", torch.eye(3))
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1)[:, :3])
+        if (self.linear.weight - self.original).abs().max() > 1e-6:
+            out = out - 1e3 * nn.functional.one_hot(torch.tensor(2), 3)
+        return out
+
+
+def test_an_epoch_that_costs_a_tenth_of_the_accuracy_is_rolled_back():
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    x = nn.functional.one_hot(y, 3).float().view(60, 1, 1, 3)
+    model = Fragile()
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=0.1, fisher_weight=0.0)
+    result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
+    assert result.rollbacks > 0
+    assert torch.equal(model.linear.weight, torch.eye(3)) and result.after.clean_accuracy == 1.0
