@@ -15,7 +15,7 @@ from .config import UnlearningConfig
 from .recovery import RecoveredTrigger
 
 MAX_ROLLBACKS = 8  # after this many, the best checkpoint so far is returned
-MAX_EPOCH_LOSS = 0.1  # selection accuracy an epoch may lose before it counts as diverged
+MAX_EPOCH_LOSS = 0.1  # an epoch ending this far below the starting selection accuracy counts as diverged
 
 
 @dataclass
