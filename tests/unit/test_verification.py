@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
-from worker.sanitize.detection import Calibration
-from worker.sanitize.pipeline import sanitize
+from worker.sanitize.detection import Calibration, ClassScore
+from worker.sanitize.pipeline import Detection, sanitize, verdict_reason
+from worker.sanitize.unlearning import Check, UnlearningResult
 
 K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
@@ -108,6 +109,19 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
     report = run(files, "backdoored", tmp_path, unlearning={"epochs": 0, "rounds": 1})
     assert report["verdict"] == "residual" and TARGET in report["residual_targets"]
     assert "may survive" in report["verdict_reason"]
+    # No unlearning epoch was kept, so the model comes back as it was, byte for byte.
+    assert "unlearning kept no epoch" in report["verdict_reason"] and not report["model_changed"]
+    assert (tmp_path / "backdoored.sanitized.pt").read_bytes() == files["backdoored"].read_bytes()
+
+
+def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
+    score = ClassScore(TARGET, "mask", 0.01, 2.0, None, None, 2.0, 0.9, None, 0.999, flagged=True)
+    nothing_found = Detection({}, [], 0.0)
+    start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
+    rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)
+    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET],
+                            [rolled_back], SanitizeConfig())
+    assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
 
 
 def test_a_clean_model_comes_back_byte_for_byte(files, tmp_path):

@@ -34,7 +34,7 @@ from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, mak
 from .reference import LazyReference
 from .report import (BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore, SampleCounts, TriggerFile,
                      UnlearningSummary, Verification)
-from .unlearning import accuracy, unlearn
+from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, unlearn
 
 # Share of the progress bar each stage takes.
 STAGES = {"validate": (0.0, 0.03), "recovery": (0.03, 0.4), "unlearning": (0.4, 0.65),
@@ -254,7 +254,7 @@ class Sanitized:
     """A run's outcome: the model, its report (whose model_file only ``sanitize`` fills in, as it
     writes the file) and the trigger pictures."""
 
-    model: nn.Module  # unlearnt if a backdoor was flagged, else unchanged; in eval mode
+    model: nn.Module  # unlearnt if a backdoor was flagged and an unlearning epoch kept, else unchanged; in eval mode
     report: Report
     trigger_pictures: dict[str, bytes]  # PNGs, by the file each of report.triggers names
 
@@ -383,14 +383,17 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
     # nothing even suspicious; any class above that line after unlearning counts as residual.
+    # Unlearning that kept no epoch (each one rolled back, or no epochs asked for) leaves the
+    # weights as they came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
+    changed = any(run.after.epoch > 0 for run in unlearning_runs)
     if triggers:
-        residual = sorted({s.target for s in verification.scores if s.probability >= suspicious})
+        residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
+                          | (set() if changed else {t.target for t in triggers}))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
         verdict = "suspicious" if detection.probability >= suspicious else "clean"
-    changed = bool(triggers)
     accuracy_after = accuracy(model, x_report, y_report) if changed else accuracy_before
 
     # 5. Report and trigger pictures.
@@ -406,7 +409,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, [t.target for t in triggers], residual, config),
+        verdict_reason=verdict_reason(verdict, detection, verification, [t.target for t in triggers], residual,
+                                      unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
         detected_targets=[t.target for t in triggers],
@@ -441,7 +445,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   residual: list[int], config: SanitizeConfig) -> str:
+                   residual: list[int], unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
@@ -469,6 +473,13 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         return (f"backdoor found for class(es) {flagged}{also}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f})")
+    if not any(run.after.epoch > 0 for run in unlearning_runs):
+        rollbacks = sum(run.rollbacks for run in unlearning_runs)
+        why = ("unlearning.epochs is 0" if config.unlearning.epochs == 0 else
+               f"no epoch did better than the starting model ({rollbacks} rolled back for diverging or losing "
+               f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
+        return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
+                "returned unchanged and the backdoor may survive; do not ship this model without further checks")
     return (f"after unlearning, a new trigger search from scratch still finds unusually small triggers "
             f"for class(es) {residual} (backdoor probability {verification.probability:.2f}): the backdoor "
             "may survive; do not ship this model without further checks")
