@@ -386,7 +386,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # Unlearning that kept no epoch (each one rolled back, or no epochs asked for) leaves the
     # weights as they came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
-    changed = any(run.after.epoch > 0 for run in unlearning_runs)
+    changed = kept_an_epoch(unlearning_runs)
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
                           | (set() if changed else {t.target for t in triggers}))
@@ -444,6 +444,11 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     return Sanitized(module, report, pictures)
 
 
+def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
+    """Whether any unlearning round kept an epoch; if none did, the weights are as they came."""
+    return any(run.after.epoch > 0 for run in unlearning_runs)
+
+
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
                    residual: list[int], unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
@@ -473,7 +478,7 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         return (f"backdoor found for class(es) {flagged}{also}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f})")
-    if not any(run.after.epoch > 0 for run in unlearning_runs):
+    if not kept_an_epoch(unlearning_runs):
         rollbacks = sum(run.rollbacks for run in unlearning_runs)
         why = ("unlearning.epochs is 0" if config.unlearning.epochs == 0 else
                f"no epoch did better than the starting model ({rollbacks} rolled back for diverging or losing "
