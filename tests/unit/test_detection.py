@@ -117,8 +117,8 @@ def test_few_classes_do_not_crash(n):
 
 
 def test_a_touched_model_unlearns_every_working_class_above_the_suspicious_line_once_each():
-    def score(target, family, probability, asr=0.9):
-        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability,
+    def score(target, family, probability, asr=0.9, class_probability=0.5):
+        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5)
 
     scores = [score(5, "mask", 0.999), score(5, "blend", 0.95), score(2, "mask", 0.978),
@@ -128,3 +128,25 @@ def test_a_touched_model_unlearns_every_working_class_above_the_suspicious_line_
     # The second target of a multi-target model, under the flagging line; not the class whose
     # trigger misses held-out images, nor the ordinary one; class 5 once, by its top family.
     assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(5, "mask"), (2, "mask")]
+
+
+def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
+    def score(target, family, probability, class_probability, asr=0.9):
+        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
+                          flagged=probability >= 0.99 and asr >= 0.5)
+
+    scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.95), score(4, "warp", 0.0, 0.4),
+              score(7, "blend", 0.5, 0.9), score(4, "patch", 0.6, 0.95, asr=0.2)]
+    detection = Detection({}, scores, 0.999)
+    # A SIG-like backdoor: the blend family sees the signal the mask family's patch only samples.
+    # Not the ordinary warp, not another class that is unusual only among one class's tests,
+    # not a family whose trigger misses held-out images.
+    assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(4, "mask"), (4, "blend")]
+
+
+def test_a_class_probability_counts_only_that_class_tests():
+    sizes = [0.3, 0.35, 0.28, 0.05, 0.4, 0.33]
+    scores = score_classes([found(sizes), found(sizes, BLEND)], CALIBRATION, DetectionConfig())
+    for s in scores:
+        assert s.class_probability == pytest.approx(CALIBRATION.probability(s.score, 2))
+        assert s.class_probability >= s.probability

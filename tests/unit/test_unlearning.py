@@ -7,7 +7,7 @@ from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator, WarpFamily
-from worker.sanitize.unlearning import anchor_weight, diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
+from worker.sanitize.unlearning import anchor_weight, check, diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
 
 
 def loss(model, triggers, x, y, k):
@@ -85,6 +85,25 @@ class Exploding(nn.Module):
     def forward(self, x):
         out = self.linear(x.flatten(1))
         return out * 1e30 * 1e30 if self.linear.weight.abs().max() > 10 else out
+
+
+class CornerDetector(nn.Module):
+    """Class 1 when the top left pixel is white, else class 0."""
+
+    def forward(self, x):
+        white = (x[:, 0, 0, 0] > 0.9).float()
+        return torch.stack([1 - white, white], 1)
+
+
+def test_a_class_with_several_triggers_is_checked_by_its_most_successful_one():
+    family = MaskFamily((1, 4, 4))
+    corner, nothing = torch.full((family.dim,), -20.0), torch.full((family.dim,), -20.0)
+    corner[0] = corner[family.mask_dim] = 20.0  # the top left pixel, white
+    triggers = [RecoveredTrigger(1, family, TriggerGenerator(raw, noise_dim=12, hidden=8), size=0.1, asr=1.0)
+                for raw in (corner, nothing)]
+    x, y = torch.zeros(10, 1, 4, 4), torch.zeros(10, dtype=torch.long)
+    assert check(CornerDetector(), triggers, x, y, epoch=0, seed=0).recovered_asr == {1: 1.0}
+    assert check(CornerDetector(), triggers[::-1], x, y, epoch=0, seed=0).recovered_asr == {1: 1.0}
 
 
 def test_warps_alone_get_the_warp_anchor_and_any_small_trigger_the_weaker_one():

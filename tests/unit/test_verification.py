@@ -115,7 +115,7 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
 
 
 def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
-    score = ClassScore(TARGET, "mask", 0.01, 2.0, None, None, 2.0, 0.9, None, 0.999, flagged=True)
+    score = ClassScore(TARGET, "mask", 0.01, 2.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True)
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)

@@ -69,7 +69,10 @@ class ClassScore:
     score: float  # min(log_ratio, reference_ratio): what the calibration judges
     asr: float  # held-out
     shifted_asr: float | None  # None: not a candidate
-    probability: float
+    probability: float  # against every class and family of a clean model: how a model is judged
+    # Against one class's families only: how a class already known to be a target is judged
+    # (its other families are then a few planned tests, not a search over every class).
+    class_probability: float
     flagged: bool
 
 
@@ -116,7 +119,7 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
             probability = calibration.probability(score, tests)
             scores.append(ClassScore(
                 trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, ratio, score,
-                trigger.asr, trigger.shifted_asr, probability,
+                trigger.asr, trigger.shifted_asr, probability, calibration.probability(score, len(per_family)),
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
             ))
     return sorted(scores, key=lambda s: -s.score)

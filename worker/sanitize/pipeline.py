@@ -144,10 +144,18 @@ class Detection:
         is being unlearnt already): the flagged ones and every class above the suspicious line
         whose trigger works on held-out images. The flagging line keeps clean models untouched;
         once a model is touched, a lower line catches the other targets of a multi-target
-        backdoor, which score under the first (a three-target model: 0.999, then 0.978 twice)."""
+        backdoor, which score under the first (a three-target model: 0.999, then 0.978 twice).
+
+        Each such class brings, besides its top family, every other family whose trigger works
+        and is above the same line judged as one class's tests: the same backdoor seen through
+        another family. A SIG model flagged by a patch of its sine signal kept 28% of its true
+        trigger when only the patch was unlearnt; its blend trigger was the signal itself."""
         line = min(cfg.suspicious_probability, cfg.flag_probability)
-        return one_per_class([score for score in self.scores if score.flagged or (
+        top = one_per_class([score for score in self.scores if score.flagged or (
             score.probability >= line and score.asr >= cfg.min_held_out_asr)])
+        targets = {score.target for score in top}
+        return top + [score for score in self.scores if score.target in targets and score not in top
+                      and score.class_probability >= line and score.asr >= cfg.min_held_out_asr]
 
 
 def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
