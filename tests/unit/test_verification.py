@@ -102,6 +102,8 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert report["verdict"] == "removed" and TARGET in report["detected_targets"]
     assert report["verification"]["backdoor_probability"] < SanitizeConfig().detection.suspicious_probability
     assert report["model_file"] == "backdoored.sanitized.pt"
+    # Judged among one class's families, a score is never less likely than among every class's.
+    assert all(s["class_probability"] >= s["probability"] for s in report["class_scores"])
     assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
 
 

@@ -223,6 +223,7 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
                           reference_ratio=rounded(s.reference_ratio, 3),
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
                           shifted_asr=rounded(s.shifted_asr, 4), probability=round(s.probability, 4),
+                          class_probability=round(s.class_probability, 4),
                           flagged=s.flagged)
             for s in detection.scores]
 

@@ -41,6 +41,7 @@ class ReportedScore(ReportPart):
     held_out_asr: float | None = None
     shifted_asr: float | None = None
     probability: float | None = None
+    class_probability: float | None = None  # judged among one class's families (Detection.to_unlearn)
     flagged: bool = False
 
 
