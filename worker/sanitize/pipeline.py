@@ -396,9 +396,10 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # weights as they came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
     changed = kept_an_epoch(unlearning_runs)
+    detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | (set() if changed else {t.target for t in triggers}))
+                          | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
@@ -418,18 +419,18 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, [t.target for t in triggers], residual,
+        verdict_reason=verdict_reason(verdict, detection, verification, detected, residual,
                                       unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
-        detected_targets=[t.target for t in triggers],
+        detected_targets=detected,
         residual_targets=residual,
         class_scores=score_rows(detection),
         flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
         clean_accuracy=BeforeAfter(before=accuracy_before, after=accuracy_after),
-        recovered_asr={str(t.target): BeforeAfter(before=first.before.recovered_asr[t.target],
-                                                  after=last.after.recovered_asr[t.target])
-                       for t in triggers},
+        recovered_asr={str(target): BeforeAfter(before=first.before.recovered_asr[target],
+                                                after=last.after.recovered_asr[target])
+                       for target in detected},
         verification=None if verification is None else Verification(
             rounds=len(unlearning_runs), backdoor_probability=round(verification.probability, 4),
             class_scores=score_rows(verification)[:num_classes]),
