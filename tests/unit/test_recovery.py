@@ -171,6 +171,27 @@ def test_budget_stops_counting_early_without_changing_its_answer():
         assert budget(PlantedBackdoor(), blend, x, y, success, chunk=7) == counted_whole
 
 
+def test_budget_counts_images_of_every_class_when_the_samples_come_sorted_by_class():
+    # 100 images of each of classes 0, 1 and 3, in that order, each marked by its class in the
+    # last pixel: the model records which classes it is shown.
+    x = torch.rand(300, 1, 6, 6) * 0.3
+    y = torch.arange(3).repeat_interleave(100)
+    y[y == 2] = 3
+    x[:, 0, 5, 5] = y / 10
+    seen = set()
+
+    def recording(images):
+        marks = images[:, 0, 5, 5]
+        seen.update((marks[marks < 0.5] * 10).round().long().tolist())  # not stamped over
+        return PlantedBackdoor()(images)
+
+    mask = torch.full((36,), -9.0)
+    mask[0] = 9.0
+    trigger = FoundTrigger(2, MaskFamily((1, 6, 6)), torch.cat([mask, torch.full((36,), 9.0)]), 0.5, 0.5, True)
+    assert budget(recording, trigger, x, y, success=0.5, max_images=64) == 1 / 36
+    assert seen == {0, 1, 3}
+
+
 class PlantedWarp(torch.nn.Module):
     """Predicts class 1 when the image is shifted right: a smooth warp, the WaNet kind."""
 

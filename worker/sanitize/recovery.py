@@ -325,7 +325,7 @@ def held_out_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
-           max_images: int = 256, steps: int = 10, chunk: int = 32) -> float:
+           max_images: int = 256, steps: int = 10, chunk: int = 32, error: float = 1e-3) -> float:
     """The smallest size at which the trigger, in its own shape (``Family.at_strength``), still
     sends ``success`` of the held-out images of other classes to its class; the family's
     ``whole`` if even that falls short. For the mask family: the fewest of its own pixels, its most
@@ -335,23 +335,35 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
     few saturated pixels, while a searched mask's L1 size also counts the faint pixels an
     unconverged search leaves behind. Half the images (``budget_asr``), not 90%: a weak backdoor
     (1% poisoning) flips 70-80% of images at most, and its budget must still be small. Measured
-    on any model, so the same trigger can be sized on the reference model too (detection.py)."""
+    on any model, so the same trigger can be sized on the reference model too (detection.py).
+
+    The images are a fixed random draw of at most ``max_images``, counted in random order: users'
+    samples often come sorted by class, and the first few hundred would be a few classes only."""
     family = trigger.family
-    others = x[y != trigger.target][:max_images]
+    others = x[y != trigger.target]
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(trigger.target))
+    others = others[order[:max_images].to(others.device)]
     if not len(others) or not trigger.worked:
         return family.whole
     raw = trigger.raw.view(1, -1)
-    needed = success * len(others)
+    total = len(others)
+    needed = success * total
+    # Hoeffding's bound for a draw without replacement (Serfling): after n images, the share of
+    # all ``total`` lies within this of the share counted, but with probability ``error``.
+    def margin(n: int) -> float:
+        return math.sqrt(math.log(2 / error) / (2 * n) * (total - n) / max(1, total - 1))
 
     def reaches(strength: float) -> bool:
-        # Stops as soon as the answer is certain: most strengths of the bisection are far from
-        # the line, and half the images or fewer decide them.
-        hits = misses = 0
+        # Most strengths of the bisection are far from the line: a few chunks settle them, and
+        # only those near it are counted to the end.
+        hits = seen = 0
         for xb in others.split(chunk):
-            won = (model(family.at_strength(xb, raw, strength)).argmax(1) == trigger.target).sum().item()
-            hits, misses = hits + won, misses + len(xb) - won
-            if hits >= needed or misses > len(others) - needed:
+            hits += (model(family.at_strength(xb, raw, strength)).argmax(1) == trigger.target).sum().item()
+            seen += len(xb)
+            if hits >= needed or seen - hits > total - needed:  # certain
                 break
+            if abs(hits / seen - success) > margin(seen):  # all but certain
+                return hits / seen > success
         return hits >= needed
 
     if not reaches(family.whole):
