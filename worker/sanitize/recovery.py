@@ -325,7 +325,7 @@ def held_out_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, success: float,
-           max_images: int = 256, steps: int = 10, chunk: int = 32, error: float = 1e-3) -> float:
+           max_images: int = 512, steps: int = 10, chunk: int = 32, error: float = 1e-3) -> float:
     """The smallest size at which the trigger, in its own shape (``Family.at_strength``), still
     sends ``success`` of the held-out images of other classes to its class; the family's
     ``whole`` if even that falls short. For the mask family: the fewest of its own pixels, its most
