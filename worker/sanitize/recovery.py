@@ -348,8 +348,9 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
     raw = trigger.raw.view(1, -1)
     total = len(others)
     needed = success * total
-    # Hoeffding's bound for a draw without replacement (Serfling): after n images, the share of
-    # all ``total`` lies within this of the share counted, but with probability ``error``.
+
+    # Hoeffding's bound for a draw without replacement (Serfling): after n images, the share among
+    # all ``total`` lies within this of the share counted, except with probability ``error``.
     def margin(n: int) -> float:
         return math.sqrt(math.log(2 / error) / (2 * n) * (total - n) / max(1, total - 1))
 
