@@ -10,6 +10,7 @@ import torch
 
 from bench.datasets import fashion_mnist
 from bench.metrics import evaluate
+from tests.live_server import QUICK_CONFIG, backdoored_digits  # noqa: F401
 
 
 def baerase(*args, timeout=900):
@@ -52,23 +53,20 @@ def test_clean_model_is_returned_untouched(clean_case, tmp_path):
     assert report["clean_accuracy"]["before"] == report["clean_accuracy"]["after"]
 
 
-def small_run_config(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"recovery": {"screen_steps": 10, "refine_steps": 10, "generator_steps": 10},
-                                "detection": {"reference_epochs": 2}, "unlearning": {"epochs": 1, "rounds": 1}}))
-    return path
-
-
 @pytest.mark.slow
-def test_same_seed_gives_the_same_report(clean_case, tmp_path):
+def test_same_seed_gives_the_same_report(backdoored_digits, tmp_path):
+    # A run that goes through every stage (unlearning, verification), on the small digits model.
+    model, samples = backdoored_digits
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(QUICK_CONFIG))
     reports = []
     for name in ("a", "b"):
-        run = baerase("sanitize", clean_case.model, "--samples", clean_case.samples,
-                      "--out", tmp_path / name, "--config", small_run_config(tmp_path), "--seed", 3,
-                      "--quiet")
+        run = baerase("sanitize", model, "--samples", samples, "--out", tmp_path / name, "--config", config,
+                      "--seed", 3, "--quiet")
         assert run.returncode == 0, run.stderr
         report = json.loads((tmp_path / name / "report.json").read_text())
         reports.append({k: v for k, v in report.items() if k != "timings_s"})
+    assert reports[0]["unlearning"] is not None
     assert reports[0] == reports[1]
 
 

@@ -21,10 +21,6 @@ from tests.api.support import PATIENCE_S, assert_problem
 from tests.live_server import REPO, QUICK_CONFIG, backdoored_digits, start_embedded_server  # noqa: F401
 
 KEY = "object-storage-test-key"
-# The store is under test, not the engine: one trigger family and short searches (about two
-# minutes on two cores), which still find the backdoor and so write trigger pictures.
-FAST_CONFIG = QUICK_CONFIG | {"recovery": {"families": ["mask"], "screen_steps": 20, "refine_steps": 40},
-                              "detection": QUICK_CONFIG["detection"] | {"reference_epochs": 2}}
 
 
 @pytest.fixture
@@ -240,7 +236,7 @@ def test_a_job_end_to_end_with_the_s3_store(tmp_path, s3_server, backdoored_digi
     server = start_embedded_server(tmp_path, KEY, s3_server.env | {
         "BAERASE_ARTIFACT_STORE_URL": f"s3://{store_bucket}/prod", "BAERASE_INPUT_BUCKETS": f"s3://{input_bucket}"})
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(FAST_CONFIG))
+    config.write_text(json.dumps(QUICK_CONFIG))
     try:
         submitted = subprocess.run(
             [sys.executable, "-m", "app.cli", "submit", "--model-url", f"s3://{input_bucket}/digits/model.pt",
