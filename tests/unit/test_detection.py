@@ -1,5 +1,6 @@
 """Detection: per-family log ratios of the smallest trigger sizes, the reference ratio of triggers
-that a clean reference model follows too, and the calibrated probability."""
+that a clean reference model follows too, the calibrated probability, and the frozen copy of the
+model that measures them."""
 
 import math
 
@@ -9,7 +10,8 @@ import torch
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import (Calibration, ClassScore, backdoor_probability, log_ratios, reference_line,
                                       score_classes)
-from worker.sanitize.pipeline import Detection
+from worker.sanitize.architectures import build_model
+from worker.sanitize.pipeline import Detection, Normalized, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
@@ -150,3 +152,42 @@ def test_a_class_probability_counts_only_that_class_tests():
     for s in scores:
         assert s.class_probability == pytest.approx(CALIBRATION.probability(s.score, 2))
         assert s.class_probability >= s.probability
+
+
+class Unscriptable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 2)
+        self.prepare = lambda x: x.flatten(1)  # TorchScript cannot compile a lambda
+
+    def forward(self, x):
+        return self.fc(self.prepare(x))
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "small_resnet"])
+@pytest.mark.parametrize("scripted", [False, True])
+def test_the_inference_copy_computes_what_the_model_does_and_leaves_it_as_it_was(arch, scripted):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, in_channels=1).eval()
+    if arch == "small_resnet":  # BatchNorm statistics other than the initial ones, to be folded in
+        with torch.no_grad():
+            model.train()(torch.rand(64, 1, 28, 28))
+            model.eval()
+    model = Normalized(torch.jit.script(model) if scripted else model, [0.5], [0.25])
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fast = for_inference(model, torch.rand(8, 1, 28, 28))
+    assert fast is not model
+    with torch.no_grad():
+        for n in (32, 7):  # the passes come in chunks, the last one shorter
+            x = torch.rand(n, 1, 28, 28)
+            assert torch.allclose(fast(x), model(x), atol=1e-4)
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+    assert all(p.is_leaf for p in model.parameters())  # still a model that unlearning can train
+
+
+def test_a_model_whose_copy_cannot_be_made_or_fails_is_measured_as_it_is():
+    unscriptable = Unscriptable()
+    assert for_inference(unscriptable, torch.rand(8, 1, 4, 4)) is unscriptable
+    # 16 x 16 images reach the small CNN's adaptive pooling at 4 x 4, which oneDNN cannot pool to 7 x 7.
+    small = build_model("small_cnn", num_classes=10, in_channels=1).eval()
+    assert for_inference(small, torch.rand(8, 1, 16, 16)) is small
