@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import (Calibration, ClassScore, backdoor_probability, log_ratios, reference_line,
                                       score_classes)
-from worker.sanitize.architectures import build_model
 from worker.sanitize.pipeline import Detection, Normalized, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
