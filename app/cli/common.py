@@ -94,5 +94,7 @@ def describe_outcome(result: dict) -> str:
         return f"{verdict} (backdoor probability {result['backdoor_probability']:.2f}), model unchanged"
     targets = ", ".join(map(str, result["detected_targets" if verdict == "removed" else "residual_targets"]))
     accuracy = result["clean_accuracy"]
+    margin = ("" if accuracy.get("margin") is None  # reports of older versions
+              else f" (change +/-{accuracy['margin']:.1%} on {accuracy['images']} held-out images)")
     return (f"{verdict}: backdoor target(s) {targets}; "
-            f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}")
+            f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}{margin}")

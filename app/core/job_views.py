@@ -33,7 +33,9 @@ class JobResult(BaseModel):
     backdoor_detected: bool
     detected_targets: list[int]
     residual_targets: list[int]
-    clean_accuracy: dict[str, float] = Field(description="held-out accuracy before/after")
+    clean_accuracy: dict[str, float | None] = Field(
+        description="held-out accuracy before/after, the number of images, and the margin of the "
+                    "change (half-width of its 95% interval; null in reports of older versions)")
     recovered_asr: dict[str, dict[str, float]] = Field(
         description="per detected target: the recovered trigger's success rate before/after")
     timings: dict[str, float] = Field(description="seconds per stage")

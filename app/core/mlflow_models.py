@@ -300,6 +300,8 @@ def report_metrics(report: Report) -> list:
         "model_changed": float(report.model_changed),
         "run_time_s": report.timings_s.get("total", 0.0),
     }
+    if report.clean_accuracy.margin is not None:  # reports of older versions lack it
+        values["clean_accuracy_margin"] = report.clean_accuracy.margin
     for target, asr in report.recovered_asr.items():
         values[f"recovered_asr_before.class_{target}"] = asr.before
         values[f"recovered_asr_after.class_{target}"] = asr.after

@@ -100,6 +100,7 @@ def test_a_model_version_is_sanitized_and_registered_as_a_new_version(app, clien
     metrics = logged.data.metrics
     assert metrics["clean_accuracy_before"] == pytest.approx(result["clean_accuracy"]["before"])
     assert metrics["clean_accuracy_after"] == pytest.approx(result["clean_accuracy"]["after"])
+    assert metrics["clean_accuracy_margin"] == pytest.approx(result["clean_accuracy"]["margin"])
     assert metrics["backdoor_probability"] == pytest.approx(result["backdoor_probability"])
     for target, asr in result["recovered_asr"].items():
         assert metrics[f"recovered_asr_after.class_{target}"] == pytest.approx(asr["after"])

@@ -37,7 +37,7 @@ def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settin
     assert body["started_at"] <= body["finished_at"]
     assert body["progress"] == {"stage": "report", "fraction": 1.0, "message": "done"}
     result = body["result"]
-    assert set(result["clean_accuracy"]) == {"before", "after"} and result["timings"]["total"] > 0
+    assert set(result["clean_accuracy"]) == {"before", "after", "images", "margin"} and result["timings"]["total"] > 0
     assert result["backdoor_detected"] == bool(result["detected_targets"])
 
     model = client.get(job["links"]["model"], headers=auth)

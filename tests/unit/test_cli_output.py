@@ -66,6 +66,9 @@ def test_quiet_shows_nothing():
     ({"verdict": "residual", "detected_targets": [0], "residual_targets": [0],
       "clean_accuracy": {"before": 0.9, "after": 0.8}},
      "residual: backdoor target(s) 0; clean accuracy 90.0% -> 80.0%"),
+    ({"verdict": "removed", "detected_targets": [2], "residual_targets": [],
+      "clean_accuracy": {"before": 0.9, "after": 0.88, "images": 200, "margin": 0.021}},
+     "removed: backdoor target(s) 2; clean accuracy 90.0% -> 88.0% (change +/-2.1% on 200 held-out images)"),
     ({"verdict": "clean", "backdoor_probability": 0.1234}, "clean (backdoor probability 0.12), model unchanged"),
 ])
 def test_outcome_in_one_line(result, line):

@@ -16,7 +16,7 @@ from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.detection import Calibration, ClassScore
-from worker.sanitize.pipeline import Detection, sanitize, verdict_reason
+from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, verdict_reason
 from worker.sanitize.unlearning import Check, UnlearningResult
 
 K, SIDE, TARGET = 6, 12, 2
@@ -105,6 +105,8 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     # Judged among one class's families, a score is never less likely than among every class's.
     assert all(s["class_probability"] >= s["probability"] for s in report["class_scores"])
     assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
+    accuracy = report["clean_accuracy"]
+    assert accuracy["images"] > 0 and 1.96 / accuracy["images"] <= accuracy["margin"] < 1
 
 
 def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_path):
@@ -114,6 +116,8 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
     # No unlearning epoch was kept, so the model comes back as it was, byte for byte.
     assert "unlearning kept no epoch" in report["verdict_reason"] and not report["model_changed"]
     assert (tmp_path / "backdoored.sanitized.pt").read_bytes() == files["backdoored"].read_bytes()
+    accuracy = report["clean_accuracy"]
+    assert accuracy["before"] == accuracy["after"] and accuracy["margin"] == pytest.approx(1.96 / accuracy["images"])
 
 
 def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
@@ -124,6 +128,17 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
     reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET],
                             [rolled_back], SanitizeConfig())
     assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
+
+
+def test_the_accuracy_change_is_reported_with_a_margin_from_the_images_that_changed():
+    before = torch.tensor([True] * 150 + [False] * 50)
+    unchanged = accuracy_change(before, before)
+    assert unchanged.before == unchanged.after == 0.75 and unchanged.images == 200
+    assert unchanged.margin == pytest.approx(1.96 / 200)  # none changed: the split's resolution
+    after = before.clone()
+    after[:10], after[150:160] = False, True  # 10 images lost, 10 gained: no change, but noise
+    swapped = accuracy_change(before, after)
+    assert swapped.after == swapped.before and swapped.margin == pytest.approx(1.96 * 21 ** 0.5 / 200)
 
 
 def test_a_clean_model_comes_back_byte_for_byte(files, tmp_path):

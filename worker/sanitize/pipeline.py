@@ -10,6 +10,7 @@ queues or databases. ``progress(stage, fraction, message)`` reports overall prog
 
 import copy
 import json
+import math
 import platform
 import random
 import shutil
@@ -32,9 +33,9 @@ from .loading import Samples, load_model, load_samples, samples_from_tensors, sa
 from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, make_families, search_triggers,
                        train_generator)
 from .reference import LazyReference
-from .report import (BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore, SampleCounts, TriggerFile,
-                     UnlearningSummary, Verification)
-from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, unlearn
+from .report import (AccuracyChange, BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore,
+                     SampleCounts, TriggerFile, UnlearningSummary, Verification)
+from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, correct_predictions, share, unlearn
 
 # Share of the progress bar each stage takes.
 STAGES = {"validate": (0.0, 0.03), "recovery": (0.03, 0.4), "unlearning": (0.4, 0.65),
@@ -373,7 +374,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     x_select, y_select = x_hold[select_idx.to(device)], y_hold[select_idx.to(device)]
     x_report, y_report = x_hold[report_idx.to(device)], y_hold[report_idx.to(device)]
     shape = tuple(samples.x.shape[1:])
-    accuracy_before = accuracy(model, x_report, y_report)
+    right_before = correct_predictions(model, x_report, y_report)
     timings["validate"] = time.perf_counter() - stages.started
 
     # 2. Recover the smallest trigger of every class and family, and score them. A class whose
@@ -432,7 +433,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     else:
         residual = []
         verdict = "suspicious" if detection.probability >= suspicious else "clean"
-    accuracy_after = accuracy(model, x_report, y_report) if changed else accuracy_before
+    right_after = correct_predictions(model, x_report, y_report) if changed else right_before
 
     # 5. Report and trigger pictures.
     stages.report("report", 0.0, "drawing the trigger pictures")
@@ -455,7 +456,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         residual_targets=residual,
         class_scores=score_rows(detection),
         flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
-        clean_accuracy=BeforeAfter(before=accuracy_before, after=accuracy_after),
+        clean_accuracy=accuracy_change(right_before, right_after),
         recovered_asr={str(target): BeforeAfter(before=first.before.recovered_asr[target],
                                                 after=last.after.recovered_asr[target])
                        for target in detected},
@@ -480,6 +481,19 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
                   "python": platform.python_version(), "device": str(device)},
     )
     return Sanitized(module, report, pictures)
+
+
+def accuracy_change(right_before: torch.Tensor, right_after: torch.Tensor) -> AccuracyChange:
+    """Clean accuracy before and after on the report split, with the margin of its change.
+
+    The split is small (a few hundred images): on a Fashion-MNIST model it reported +0.5 points
+    where 5,000 test images gave -1.8 (docs/population.md, sixth sitting). The margin is Wald's 95%
+    interval for paired proportions, from the images whose verdict changed, counting one more so
+    that a run where none changed still shows the split's resolution."""
+    images = len(right_before)
+    changed = (right_before != right_after).sum().item()
+    return AccuracyChange(before=share(right_before), after=share(right_after), images=images,
+                          margin=min(1.0, 1.96 * math.sqrt(changed + 1) / max(1, images)))
 
 
 def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:

@@ -26,6 +26,14 @@ class BeforeAfter(ReportPart):
     after: float
 
 
+class AccuracyChange(BeforeAfter):
+    """Clean accuracy on the held-out report split. ``margin``: half-width of the 95% interval of
+    the change (after - before); a smaller change cannot be told from the split's noise. Reports
+    of older versions lack ``images`` and ``margin``."""
+    images: int | None = None
+    margin: float | None = None
+
+
 class ReportedScore(ReportPart):
     """One class and trigger family from a trigger search, scored (docs/method.md, "Detection").
     Reports of older versions lack some of these numbers."""
@@ -95,7 +103,7 @@ class Report(ReportPart):
     residual_targets: list[int] = []
     class_scores: list[ReportedScore]
     flag_score: float | None = None  # the score at which a class is flagged
-    clean_accuracy: BeforeAfter
+    clean_accuracy: AccuracyChange
     recovered_asr: dict[str, BeforeAfter]  # by detected target
     verification: Verification | None = None
     sample_accuracy: float

@@ -39,10 +39,20 @@ class UnlearningResult:
 
 
 @torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+def correct_predictions(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Whether the model classifies each image right."""
     model.eval()
-    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / max(1, len(y))
+    return torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+                     or [torch.zeros(0, dtype=torch.bool)])
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    return share(correct_predictions(model, x, y, batch_size))
+
+
+def share(right: torch.Tensor) -> float:
+    """The share of True in a boolean tensor; 0 for an empty one."""
+    return right.sum().item() / max(1, len(right))
 
 
 @torch.no_grad()
