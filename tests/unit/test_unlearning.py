@@ -7,12 +7,14 @@ from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator, WarpFamily
-from worker.sanitize.unlearning import anchor_weight, check, diagonal_fisher, pull_to_anchor, unlearn, unlearning_loss
+from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, nearness_weights, pull_to_anchor, unlearn,
+                                        unlearning_loss)
 
 
 def loss(model, triggers, x, y, k):
     """The loss with the true labels as the soft targets (a teacher that is always right)."""
-    return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(), k)
+    return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(), k,
+                           UnlearningConfig().nearness_weight)
 
 
 class FixedLogits(nn.Module):
@@ -50,6 +52,15 @@ def test_images_of_the_target_class_are_not_pushed_away():
     model = FixedLogits([5.0, 0.0, 0.0, 0.0])
     ce = nn.functional.cross_entropy(model(x), y)
     assert math.isclose(loss(model, [trigger(0)], x, y, 4).item(), 2 * ce.item(), rel_tol=1e-5)
+
+
+def test_triggered_images_nearer_the_target_count_more_and_the_weights_average_one():
+    target_share = torch.tensor([0.0, 0.05, 0.3, 0.9])  # the last image is of the target class
+    others = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    weights = nearness_weights(target_share, others, strength=10.0)
+    assert math.isclose(weights.mean().item(), 1.0, rel_tol=1e-6)
+    assert weights[0] < weights[1] < weights[2] and weights[3] == weights[0]  # the target's own images: no boost
+    assert torch.equal(nearness_weights(target_share, others, strength=0.0), torch.ones(4))
 
 
 def test_fisher_is_normalised_and_largest_where_the_loss_depends_most():

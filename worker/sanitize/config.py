@@ -47,6 +47,7 @@ class UnlearningConfig(Strict):
     lr: float = Field(0.01, gt=0, le=1, description="SGD learning rate, cosine-annealed to 0")
     fisher_weight: float = Field(3000.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights (unless every trigger is a warp)")
     fisher_weight_warp: float = Field(10000.0, ge=0, le=1e6, description="the anchor's weight when every trigger unlearnt is a warp")
+    nearness_weight: float = Field(10.0, ge=0, le=1000, description="how much more a triggered image counts the nearer its clean image is to the trigger's target class (0: all alike)")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     rounds: int = Field(2, ge=1, le=5, description="unlearning rounds while verification still finds a trigger")
 

@@ -145,9 +145,19 @@ def stamp_grown(trigger: RecoveredTrigger, x: torch.Tensor) -> torch.Tensor:
     return x + mask * (parts["pattern"] - x)
 
 
-def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+def nearness_weights(target_share: torch.Tensor, others: torch.Tensor, strength: float) -> torch.Tensor:
+    """Weights of triggered images, mean 1: an image of another class counts 1 + strength x its soft
+    target's share of the trigger's target (how near its clean image already is to that class)."""
+    weights = 1 + strength * target_share * others
+    return weights / weights.mean()
+
+
+def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, targets: torch.Tensor, num_classes: int,
+                    nearness_weight: float) -> torch.Tensor:
     """Clean term, and the triggered half of the batch sent back to its clean class with the
-    bounded ascent away from each trigger's target."""
+    bounded ascent away from each trigger's target. A backdoor survives longest on the classes that
+    border its target (on a 2 x 2 square, 161 of the 276 test images still flipped were shirts,
+    beside the target T-shirt), so those triggered images count more (`nearness_weights`)."""
     loss = soft_cross_entropy(model(x), targets)
     half = len(x) // 2
     chance = math.log(1 / num_classes)
@@ -155,12 +165,12 @@ def unlearning_loss(model, triggers: list[RecoveredTrigger], x, y, targets: torc
     for trigger, part in zip(triggers, torch.arange(half).tensor_split(len(triggers))):
         if not len(part):
             continue
-        logits = model(stamp_grown(trigger, x[part]))
-        loss = loss + soft_cross_entropy(logits, targets[part]) * len(part) / half
-        others = y[part] != trigger.target
-        if others.any():
-            log_p_target = logits[others].log_softmax(1)[:, trigger.target]
-            loss = loss + F.relu(log_p_target - chance).sum() / half
+        log_p = model(stamp_grown(trigger, x[part])).log_softmax(1)
+        others = (y[part] != trigger.target).float()
+        cross_entropy = -(targets[part] * log_p).sum(1)
+        ascent = F.relu(log_p[:, trigger.target] - chance) * others
+        weights = nearness_weights(targets[part, trigger.target], others, nearness_weight)
+        loss = loss + (weights * (cross_entropy + ascent)).sum() / half
     return loss
 
 
@@ -193,7 +203,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 check_cancel()
             idx = idx.to(x_train.device)
             x = x_train[idx] if augment is None else augment(x_train[idx])
-            loss = unlearning_loss(model, triggers, x, y_train[idx], targets[idx], num_classes)
+            loss = unlearning_loss(model, triggers, x, y_train[idx], targets[idx], num_classes, cfg.nearness_weight)
             if not torch.isfinite(loss):
                 diverged = True
                 break
