@@ -488,8 +488,8 @@ def accuracy_change(right_before: torch.Tensor, right_after: torch.Tensor) -> Ac
 
     The split is small (a few hundred images): on a Fashion-MNIST model it reported +0.5 points
     where 5,000 test images gave -1.8 (docs/population.md, sixth sitting). The margin is Wald's 95%
-    interval for paired proportions, from the images whose verdict changed, counting one more so
-    that a run where none changed still shows the split's resolution."""
+    interval for paired proportions, from the images that went from right to wrong or back,
+    counting one more so that a run where none did still shows the split's resolution."""
     images = len(right_before)
     changed = (right_before != right_after).sum().item()
     return AccuracyChange(before=share(right_before), after=share(right_after), images=images,
