@@ -3,7 +3,6 @@ Which files are accepted, and as which format, is formats.py's; a state_dict is 
 ``weights_only=True``, and a TorchScript archive is checked (operations.py) before it runs.
 """
 
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -88,15 +87,17 @@ def read_state_dict(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], Che
             loaded = load_safetensors(str(path))
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Not torch's text: it advises loading with weights_only=False, which would run the pickle.
-        raise InputError(
-            f"cannot read weights from {path.name}: it holds pickled objects, which are refused (only "
-            "tensors, numbers, strings and containers of them are read); save the weights alone, "
-            "torch.save(model.state_dict(), path), or of a checkpoint that holds data sets too (such as "
-            "BackdoorBench's attack_result.pt), its weights entry: torch.save(checkpoint['model'], path)"
-        ) from e
     except Exception as e:
+        # torch.load refuses pickled objects with pickle's UnpicklingError; matched by name so that
+        # this module needs no pickle import. Not torch's text: it advises loading with
+        # weights_only=False, which would run the pickle.
+        if type(e).__name__ == "UnpicklingError":
+            raise InputError(
+                f"cannot read weights from {path.name}: it holds pickled objects, which are refused (only "
+                "tensors, numbers, strings and containers of them are read); save the weights alone, "
+                "torch.save(model.state_dict(), path), or of a checkpoint that holds data sets too (such as "
+                "BackdoorBench's attack_result.pt), its weights entry: torch.save(checkpoint['model'], path)"
+            ) from e
         raise InputError(
             f"cannot read weights from {path.name}: {first_line(e)} (only plain tensors are "
             "accepted; arbitrary pickled objects are refused)"
