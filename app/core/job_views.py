@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from app.core.mlflow_models import Registration
 from app.core.models import ArtifactRole, Job, JobStatus
-from worker.sanitize.report import Report
+from worker.sanitize.report import AccuracyChange, Report
 
 
 class Progress(BaseModel):
@@ -33,7 +33,7 @@ class JobResult(BaseModel):
     backdoor_detected: bool
     detected_targets: list[int]
     residual_targets: list[int]
-    clean_accuracy: dict[str, float | None] = Field(
+    clean_accuracy: AccuracyChange = Field(
         description="held-out accuracy before/after, the number of images, and the margin of the "
                     "change (half-width of its 95% interval; null in reports of older versions)")
     recovered_asr: dict[str, dict[str, float]] = Field(

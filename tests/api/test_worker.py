@@ -38,6 +38,7 @@ def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settin
     assert body["progress"] == {"stage": "report", "fraction": 1.0, "message": "done"}
     result = body["result"]
     assert set(result["clean_accuracy"]) == {"before", "after", "images", "margin"} and result["timings"]["total"] > 0
+    assert type(result["clean_accuracy"]["images"]) is int  # a count: "49 held-out images", not "49.0"
     assert result["backdoor_detected"] == bool(result["detected_targets"])
 
     model = client.get(job["links"]["model"], headers=auth)
