@@ -6,6 +6,7 @@ import re
 import uuid
 from pathlib import Path
 
+from app.cli.common import describe_outcome
 from tests.clients.conftest import KEY, baerase, start_baerase, submitted_job_id
 from tests.live_server import PATIENCE_S, free_port
 
@@ -18,7 +19,10 @@ def test_submit_wait_runs_the_job_and_downloads_its_results(finished_job):
     assert 0 in summary["result"]["detected_targets"]
     # The progress bar's last line, then the verdict in one line.
     assert re.search(r"^report +\[#+\] 100%  \d\d:\d\d elapsed, 00:00 left  done$", run.stderr, re.M)
-    assert re.search(r"^verdict: (removed|residual): backdoor target\(s\) 0; clean accuracy", run.stderr, re.M)
+    # Whether unlearning this small model ends `removed` or `residual` is the engine's call (a
+    # verification at the quick config's low flagging line); the client shows the job's outcome.
+    assert summary["result"]["verdict"] in ("removed", "residual")
+    assert f"verdict: {describe_outcome(summary['result'])}" in run.stderr.splitlines()
     files = {Path(f).relative_to(finished_job.out).as_posix() for f in summary["files"]}
     assert {"model.sanitized.pt", "report.json"} <= files
     assert any(f.startswith("triggers/class0_") and f.endswith(".png") for f in files)
@@ -30,9 +34,10 @@ def test_submit_wait_runs_the_job_and_downloads_its_results(finished_job):
 def test_status_jobs_and_download_of_a_succeeded_job(server, finished_job, tmp_path):
     status = baerase(server.url, "status", finished_job.id)
     assert status.returncode == 0, status.stderr
-    assert "succeeded" in status.stdout and "backdoor target(s) 0" in status.stdout
     as_json = baerase(server.url, "status", finished_job.id, "--json")
-    assert json.loads(as_json.stdout)["result"]["detected_targets"] == [0]
+    result = json.loads(as_json.stdout)["result"]
+    assert result["detected_targets"] == [0]
+    assert "succeeded" in status.stdout and describe_outcome(result) in status.stdout
 
     jobs = baerase(server.url, "jobs", "--status", "succeeded")
     assert jobs.returncode == 0 and finished_job.id in jobs.stdout
