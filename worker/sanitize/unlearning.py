@@ -16,7 +16,7 @@ from .recovery import RecoveredTrigger
 
 MAX_ROLLBACKS = 8  # after this many, the best checkpoint so far is returned
 # An epoch ending this far below the starting selection accuracy counts as diverged. A collapse
-# falls 60 points or more; the first epoch of a sound run dips 4-10 points on small CNNs, and a
+# falls 60 points or more; the first epoch of a sound run dips 0-10 points on small CNNs, and a
 # 10-point line rolled one back whose restart at half the step size ended 1.6 points worse.
 MAX_EPOCH_LOSS = 0.15
 
