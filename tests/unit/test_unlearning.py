@@ -7,13 +7,13 @@ from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator, WarpFamily
-from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, nearness_weights, pull_to_anchor,
-                                        stamp_grown, unlearn, unlearning_loss)
+from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, nearness_weights, pull_to_anchor, unlearn,
+                                        unlearning_loss)
 
 
 def loss(model, triggers, x, y, k):
     """The loss with the true labels as the soft targets (a teacher that is always right)."""
-    return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(),
+    return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(), k,
                            UnlearningConfig().nearness_weight)
 
 
@@ -32,36 +32,19 @@ def trigger(target: int, shape=(1, 4, 4)) -> RecoveredTrigger:
     return RecoveredTrigger(target, family, generator, size=0.5, asr=1.0)
 
 
-class ReadsTheCorner(nn.Module):
-    """Class 0's logit is ``gain`` x the first pixel, the others 0: a trigger there moves class 0."""
-
-    def __init__(self, gain: float):
-        super().__init__()
-        self.gain = nn.Parameter(torch.tensor(gain))
-
-    def forward(self, x):
-        return torch.cat([self.gain * x.flatten(1)[:, :1], torch.zeros(len(x), 3)], 1)
-
-
-def test_the_ascent_lowers_the_target_only_where_the_trigger_raises_it():
-    x, y, k = torch.zeros(8, 1, 4, 4), torch.ones(8, dtype=torch.long), 4
-    ce = nn.functional.cross_entropy
-    # A likely target that the trigger does not move: no ascent, only the two CE terms.
-    fixed = FixedLogits([5.0, 0.0, 0.0, 0.0])
-    assert math.isclose(loss(fixed, [trigger(0)], x, y, k).item(), 2 * ce(fixed(x), y).item(), rel_tol=1e-5)
-    for gain, raises in ((10.0, True), (-10.0, False)):
-        model, found = ReadsTheCorner(gain), trigger(0)
-        torch.manual_seed(0)
-        total = loss(model, [found], x, y, k)
-        torch.manual_seed(0)  # the same stamps as inside the loss, on the triggered half
-        stamped = stamp_grown(found, x[:4])
-        without_ascent = ce(model(x), y) + ce(model(stamped), y[:4])
-        if raises:  # the stamp raises class 0 over the clean image: pushed down
-            assert total.item() > without_ascent.item() + 0.5
-            total.backward()
-            assert model.gain.grad > 0
-        else:  # the stamp lowers class 0: nothing to undo
-            assert math.isclose(total.item(), without_ascent.item(), rel_tol=1e-5)
+def test_ascent_is_bounded_once_the_target_is_no_likelier_than_chance():
+    x, y = torch.rand(8, 1, 4, 4), torch.ones(8, dtype=torch.long)
+    k = 4
+    # Target 0 already below 1/K: the ascent term adds nothing; only the two CE terms remain.
+    below = FixedLogits([-5.0, 5.0, 0.0, 0.0])
+    ce = nn.functional.cross_entropy(below(x), y)
+    assert math.isclose(loss(below, [trigger(0)], x, y, k).item(), 2 * ce.item(), rel_tol=1e-5)
+    # Target 0 likely: the ascent term is positive and pushes its logit down.
+    above = FixedLogits([5.0, 0.0, 0.0, 0.0])
+    total = loss(above, [trigger(0)], x, y, k)
+    assert total.item() > 2 * nn.functional.cross_entropy(above(x), y).item()
+    total.backward()
+    assert above.logits.grad[0] > 0
 
 
 def test_images_of_the_target_class_are_not_pushed_away():
