@@ -3,7 +3,7 @@
 # (architecture, attack) victim in a process of its own, each defense in a run of its own (a crash
 # costs one cell, not the victim's row), the defenses in the order given, until DEADLINE seconds
 # have passed; then the table is rewritten into OUT. Unfinished rows stay "not run", and the same
-# command resumes them from the cache (.cache/bench).
+# command resumes them (rows are kept in bench/results, trained models in .cache/bench).
 #
 #   SUITE=cifar10 DEVICE=cuda DEADLINE=3600 bench/parallel.sh docs
 #

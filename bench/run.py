@@ -4,10 +4,11 @@
     baerase bench --suite fmnist --quick   # small CNN, BadNets and a clean model, tiny defense settings
     baerase bench --suite cifar10 --device cuda   # VGG-11 with and without BatchNorm, on a GPU -> docs/benchmarks-cifar10.md
 
-Every (architecture, attack, defense) result is cached as JSON, so an interrupted run resumes
-where it stopped and the table is always rebuilt from every cached result of the suite (of its
-victims' current training setting); ``--fresh`` recomputes the rows this run selects (after a
-code change, say).
+Every (architecture, attack, defense) result is kept as JSON in bench/results, which is committed
+with the code: an interrupted run resumes where it stopped, rows measured in other sessions and on
+other machines (a GPU for CIFAR-10) add up, and the table is always rebuilt from every kept result
+of the suite (of its victims' current training setting); ``--fresh`` recomputes the rows this run
+selects (after a code change, say). Trained models stay in the local cache (.cache/bench).
 """
 
 import argparse
@@ -165,9 +166,9 @@ def suite_as_run(name: str, quick: bool) -> Suite:
                    train_size=min(QUICK["train_size"], suite.train_size))
 
 
-def results_folder(cache: Path, suite: Suite, quick: bool) -> Path:
-    """The suite's cached rows; rows measured on victims of another setting lie elsewhere."""
-    return cache / "results" / f"{suite.name}-{suite.victim_setting}{'-quick' if quick else ''}"
+def results_folder(root: Path, suite: Suite, quick: bool) -> Path:
+    """The suite's kept rows; rows measured on victims of another setting lie elsewhere."""
+    return root / f"{suite.name}-{suite.victim_setting}{'-quick' if quick else ''}"
 
 
 def run(suite: Suite, data: Data, results: Path, cache: Path, *, archs, attacks, defenses,
@@ -230,7 +231,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: rewrite the table and plot from the cached results")
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"),
-                        help="trained models and per-row results (default .cache/bench)")
+                        help="trained models and decoded images (default .cache/bench)")
+    parser.add_argument("--results", type=Path, help="the per-row results (default bench/results, "
+                        "committed with the code; bench-out/results with --quick)")
     parser.add_argument("--out", type=Path, help="where benchmarks[-SUITE].md and .png go "
                         "(default docs/, or bench-out/ with --quick)")
     return parser
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     suite = suite_as_run(args.suite, args.quick)
     data = suite.data(args.cache)
-    results = results_folder(args.cache, suite, args.quick)
+    results = results_folder(args.results or Path("bench-out/results" if args.quick else "bench/results"),
+                             suite, args.quick)
     if not args.table_only:
         run(suite, data.to(device), results, args.cache, archs=args.archs or suite.archs,
             attacks=args.attacks or suite.attacks, defenses=args.defenses or list(DEFENSES),

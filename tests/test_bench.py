@@ -20,10 +20,12 @@ from worker.sanitize.architectures import build_model
 
 @pytest.mark.slow
 def test_quick_bench_runs_every_defense_and_writes_table_and_plot(tmp_path):
-    cache, out = tmp_path / "cache", tmp_path / "out"
-    assert baerase(["bench", "--suite", "digits", "--quick", "--cache", str(cache), "--out", str(out)]) == 0
+    cache, results, out = tmp_path / "cache", tmp_path / "results", tmp_path / "out"
+    command = ["bench", "--suite", "digits", "--quick", "--cache", str(cache), "--results", str(results),
+               "--out", str(out)]
+    assert baerase(command) == 0
 
-    rows = [json.loads(p.read_text()) for p in (cache / "results").glob("digits-*-quick/*/*/*.json")]
+    rows = [json.loads(p.read_text()) for p in results.glob("digits-*-quick/*/*/*.json")]
     assert {(r["attack"], r["defense"]) for r in rows} == {
         (attack, defense) for attack in ("clean", "badnets") for defense in ["none", *DEFENSES]}
     backdoored = next(r for r in rows if r["attack"] == "badnets" and r["defense"] == "none")
@@ -46,9 +48,9 @@ def test_quick_bench_runs_every_defense_and_writes_table_and_plot(tmp_path):
     assert "## Published, not measured here" in table and "backdoorbench.github.io" in table
 
     # A second run reuses every cached row instead of defending again.
-    stamps = {p: p.stat().st_mtime_ns for p in (cache / "results").rglob("*.json")}
-    assert baerase(["bench", "--suite", "digits", "--quick", "--cache", str(cache), "--out", str(out)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (cache / "results").rglob("*.json")} == stamps
+    stamps = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    assert baerase(command) == 0
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == stamps
 
 
 class Corner(nn.Module):
