@@ -229,7 +229,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where the victims train and the defenses run (auto: cuda when there is one); "
                         "each row records it")
     parser.add_argument("--table-only", action="store_true",
-                        help="run nothing: rewrite the table and plot from the cached results")
+                        help="run nothing: rewrite the table and plot from the kept results")
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"),
                         help="trained models and decoded images (default .cache/bench)")
     parser.add_argument("--results", type=Path, help="the per-row results (default bench/results, "

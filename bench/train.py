@@ -7,19 +7,17 @@ from worker.sanitize.architectures import build_model
 
 
 def fit(model, optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int = 0,
-        schedule=None, augment=None):
+        schedule=None, augment=None, mixed_precision: bool = False):
     """Minibatch cross-entropy training in a seeded shuffled order; returns the model in eval mode.
-    ``augment(batch, generator)`` transforms each batch (random crops and flips for colour images)."""
+    ``augment(batch, generator)`` transforms each batch (random crops and flips for colour images);
+    ``mixed_precision`` runs the forward pass in bfloat16 on a GPU."""
     g = torch.Generator().manual_seed(seed)
-    # On a GPU the victims train in bfloat16 mixed precision, as GPU training usually does (the
-    # CIFAR-10 suite trains twelve 30-epoch VGG-11s); the CPU trains in float32 as before.
-    mixed = x.device.type == "cuda"
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
             optimizer.zero_grad()
             batch = x[idx] if augment is None else augment(x[idx], g)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed_precision):
                 loss = F.cross_entropy(model(batch), y[idx])
             loss.backward()
             optimizer.step()
@@ -48,7 +46,11 @@ def train_classifier(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: i
     steps = epochs * -(-len(x) // batch_size)
     # A cosine schedule lets a short training end near the accuracy a longer one reaches.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if augment else None
-    return fit(model, optimizer, x, y, epochs, batch_size, seed, schedule, augment)
+    # Victims on a GPU train in bfloat16 mixed precision, as GPU training usually does (the CIFAR-10
+    # suite trains twelve 30-epoch VGG-11s); the defenses' own fine-tuning, like the engine, stays
+    # in float32, so no defense is measured at another precision than ours.
+    return fit(model, optimizer, x, y, epochs, batch_size, seed, schedule, augment,
+               mixed_precision=x.device.type == "cuda")
 
 
 def backdoored_fashion_mnist(arch: str, attack, train_size: int, epochs: int, seed: int = 0):
