@@ -22,7 +22,7 @@ suite_setting() { $python -c "from bench.run import SUITES; s = SUITES['$suite']
 archs=${ARCHS:-$(suite_setting archs)}; attacks=${ATTACKS:-$(suite_setting attacks)}
 mkdir -p "$out/logs"
 # The images are decoded and cached once, before the victims' processes read them.
-$python -c "from bench.run import SUITES; SUITES['$suite'].data(__import__('pathlib').Path('.cache/bench'))" || exit 1
+$python -c "from pathlib import Path; from bench.run import SUITES; SUITES['$suite'].data(Path('.cache/bench'))" || exit 1
 
 victim_rows() {  # $1 architecture, $2 attack
   for defense in $defenses; do
@@ -33,8 +33,7 @@ victim_rows() {  # $1 architecture, $2 attack
   done
 }
 clean_model_trained() {  # $1 architecture; waits while it is not (and time is left)
-  until ls .cache/bench/models/"$suite"/"$1"-clean-* >/dev/null 2>&1 || [ "$(left)" -le 15 ]; do sleep 3; done
-  sleep 5  # torch.save may still be writing it
+  until ls .cache/bench/models/"$suite"/"$1"-clean-*.pt >/dev/null 2>&1 || [ "$(left)" -le 15 ]; do sleep 3; done
 }
 
 first=${archs%% *}

@@ -143,7 +143,11 @@ def victim(suite: Suite, data: Data, arch: str, attack_name: str, cache: Path):
     print(f"training {arch} on {len(x)} images ({attack_name})...", flush=True)
     model = train_classifier(arch, x, y, num_classes, epochs=suite.epochs, augment=suite.augment)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    # Written whole, then renamed: a run beside this one (bench/parallel.sh) that finds the file
+    # never reads half of it.
+    partial = path.with_suffix(".partial")
+    torch.save(model.state_dict(), partial)
+    partial.replace(path)
     return model, attack
 
 
