@@ -23,6 +23,7 @@ engine and Neural Cleanse results are cached per model, so a run resumes where i
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,17 +219,51 @@ def trained(limit: int | None, calibration: bool, cache: Path) -> list[Victim]:
             and (cache / "population" / "models" / f"{v.key}.pt").exists()]
 
 
+UNLEARNT_CLASSES = 3  # a calibration model's most suspicious classes, unlearnt to measure their re-tuning
+
+
+def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path) -> list[float]:
+    """The re-tuning statistics (worker/sanitize/retuning.py) of one clean calibration model's
+    ``UNLEARNT_CLASSES`` most suspicious classes, unlearnt by the engine as if they were targets;
+    cached. What a sanitized model's class shows when no backdoor is left in it.
+
+    The engine is run with a calibration that flags exactly those classes: a line just under the
+    last one's score, which the same seed's detection reproduces."""
+    from worker.sanitize.config import DetectionConfig
+    from worker.sanitize.detection import Calibration
+
+    path = cache / "population" / "retuning" / f"{victim.key}.json"
+    if not path.exists():
+        min_asr = DetectionConfig().min_held_out_asr
+        scores = [s for s in detection_scores(victim, datasets, cache)["class_scores"] if s["held_out_asr"] >= min_asr]
+        tops = {s["class"]: s["score"] for s in reversed(scores)}  # class scores come most suspicious first
+        classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
+        line = min(tops[c] for c in classes) - 1e-3
+        flag_these = Calibration(line, 1e-6, 0, "flags the most suspicious classes", math.inf, 1.0, 0)
+        print(f"unlearning classes {classes} of {victim.key}...", flush=True)
+        if victim.dataset not in datasets:
+            datasets[victim.dataset] = load_dataset(victim.dataset, cache)
+        row = sanitize_victim(victim, datasets[victim.dataset], cache, flag_these)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"classes": classes, "retuning": row["report"]["verification"]["retuning"]}))
+    return [r["statistic"] for r in json.loads(path.read_text())["retuning"]]
+
+
 def collect_scores(cache: Path, limit: int | None = None) -> Path:
-    """Runs detection alone on every trained calibration model and fits the calibration from
-    their scores; writes worker/sanitize/calibration.json."""
+    """Runs detection alone on every trained calibration model, then unlearns its most
+    suspicious classes, and fits the calibration from their scores and re-tuning statistics;
+    writes worker/sanitize/calibration.json."""
     from worker.sanitize.detection import CALIBRATION_FILE, Calibration
 
     victims, datasets = trained(limit, True, cache), {}
     scores = [s["score"] for v in victims for s in detection_scores(v, datasets, cache)["class_scores"]]
-    calibration = Calibration.fit(scores, len(victims), "bench/population.py calibration models: "
+    retuning = [r for v in victims for r in retuning_statistics(v, datasets, cache)]
+    calibration = Calibration.fit(scores, retuning, len(victims), "bench/population.py calibration models: "
                                   + ", ".join(v.key for v in victims))
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
-    print(f"calibration from {len(victims)} clean models: mean {calibration.mean:.3f}, std {calibration.std:.3f}")
+    print(f"calibration from {len(victims)} clean models: scores mean {calibration.mean:.3f}, std "
+          f"{calibration.std:.3f}; re-tuning of {len(retuning)} unlearnt classes mean "
+          f"{calibration.retuning_mean:.3f}, std {calibration.retuning_std:.3f}")
     return CALIBRATION_FILE
 
 

@@ -11,6 +11,7 @@ import torch
 from bench.datasets import fashion_mnist
 from bench.metrics import evaluate
 from tests.live_server import QUICK_CONFIG, backdoored_digits  # noqa: F401
+from worker.sanitize.config import SanitizeConfig
 
 
 def baerase(*args, timeout=900):
@@ -19,14 +20,23 @@ def baerase(*args, timeout=900):
 
 
 @pytest.mark.slow
-def test_backdoor_is_found_and_erased(backdoored_case, tmp_path):
+def test_backdoor_is_found_and_erased_and_the_verdict_follows_the_re_tuning_check(backdoored_case, tmp_path):
     out = tmp_path / "out"
     run = baerase("sanitize", backdoored_case.model, "--samples", backdoored_case.samples, "--out", out)
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "report.json").read_text())
     assert 0 in report["detected_targets"] and report["backdoor_detected"] is True
     assert set(report["timings_s"]) == {"validate", "reference", "recovery", "unlearning", "verification", "total"}
-    assert report["verdict"] == "removed"
+    # Unlearning erases this backdoor's surface (the true trigger falls under 10%, below); whether
+    # what is left counts as dormant is the re-tuning check's call, near its line on this model
+    # (docs/population.md, tenth sitting). Either way the verdict follows the check: every class it
+    # finds dormant is residual, and "removed" only when there is none.
+    assert report["verdict"] in ("removed", "residual") and report["model_changed"]
+    retuning = report["verification"]["retuning"]
+    assert 0 in [r["class"] for r in retuning]
+    dormant = {r["class"] for r in retuning if r["probability"] >= SanitizeConfig().detection.suspicious_probability}
+    assert dormant <= set(report["residual_targets"])
+    assert (report["verdict"] == "removed") == (not report["residual_targets"])
     assert report["recovered_asr"]["0"]["after"] <= 0.05
     pngs = sorted(p.name for p in (out / "triggers").glob("*.png"))
     assert any(name.startswith("class0_") and "stamped" in name for name in pngs)

@@ -15,7 +15,8 @@ from worker.sanitize.pipeline import Detection, Normalized, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
-CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test")
+CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test", retuning_mean=0.0, retuning_std=1.0,
+                          retuning_classes=30)
 
 
 def found(sizes, family=MASK, asr=0.95):
@@ -83,8 +84,10 @@ def test_blend_factors_are_compared_among_themselves():
 
 def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability():
     ratios = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
-    calibration = Calibration.fit(ratios, models=1, source="test")
+    calibration = Calibration.fit(ratios, [x + 1 for x in ratios], models=1, source="test")
     assert calibration.mean == 0.0 and math.isclose(calibration.std, math.sqrt((0.25 + 9) / 2))
+    assert calibration.retuning_mean == 1.0 and calibration.retuning_std == calibration.std
+    assert calibration.retuning_classes == len(ratios)
     # More tests per model make the same log ratio less surprising.
     assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
     assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
@@ -94,6 +97,12 @@ def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability
 def test_scores_only_calibration_never_flags():
     scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig())
     assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
+    assert Calibration.scores_only().retuning_probability(100.0, 1) == 0.0
+
+
+def test_a_re_tuning_statistic_is_judged_against_as_many_clean_classes_as_were_checked():
+    assert CALIBRATION.retuning_probability(0.0, 1) == 0.5
+    assert CALIBRATION.retuning_probability(2.0, 3) < CALIBRATION.retuning_probability(2.0, 1) < 1
 
 
 def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
@@ -111,6 +120,7 @@ def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
 def test_the_shipped_calibration_comes_from_clean_models():
     shipped = Calibration.load()
     assert shipped.models >= 2 and shipped.std > 0
+    assert shipped.retuning_classes >= 3 and shipped.retuning_std > 0
 
 
 @pytest.mark.parametrize("n", [2, 3])

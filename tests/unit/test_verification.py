@@ -6,6 +6,7 @@ own direction and frequency over the whole image (so a natural class needs a lar
 backdoored model also learnt that a white 2 x 2 corner square means class 2.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,12 +18,16 @@ from torch import nn
 from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.detection import Calibration, ClassScore
 from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, verdict_reason
+from worker.sanitize.recovery import FoundTrigger, MaskFamily, held_out_asr
+from worker.sanitize.reference import train_reference
+from worker.sanitize.retuning import retune
 from worker.sanitize.unlearning import Check, UnlearningResult
 
 K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
-TOY_CALIBRATION = Calibration(mean=0.0, std=0.5, models=0, source="toy")
+TOY_CALIBRATION = Calibration(mean=0.0, std=0.5, models=0, source="toy", retuning_mean=1.0, retuning_std=1.0,
+                              retuning_classes=0)
 SMALL = {"recovery": {"screen_steps": 20, "refine_steps": 60, "generator_steps": 20, "families": ["mask", "blend"]},
          "unlearning": {"epochs": 3}}
 
@@ -88,9 +93,9 @@ def files(tmp_path_factory):
     return paths
 
 
-def run(files, name, tmp_path, **options):
+def run(files, name, tmp_path, calibration=TOY_CALIBRATION, **options):
     config = SanitizeConfig(seed=0, **{**SMALL, **options})
-    report = sanitize(files[name], files["samples"], tmp_path, config, calibration=TOY_CALIBRATION)
+    report = sanitize(files[name], files["samples"], tmp_path, config, calibration=calibration)
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == report["verdict"]
     return report
 
@@ -107,6 +112,46 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
     accuracy = report["clean_accuracy"]
     assert accuracy["images"] > 0 and 1.96 / accuracy["images"] <= accuracy["margin"] < 1
+    # Re-tuned with its recovered trigger, the unlearnt class learns it back no faster than the reference.
+    [retuning] = report["verification"]["retuning"]
+    assert retuning["class"] == TARGET and retuning["retuned_asr"] < 0.1 and retuning["probability"] < 0.8
+
+
+def test_a_backdoor_that_comes_back_when_re_tuned_is_reported_residual(files, tmp_path):
+    # A calibration whose clean models never re-tune at all: any re-tuning counts as a dormant backdoor.
+    never_retuned = dataclasses.replace(TOY_CALIBRATION, retuning_mean=-100.0, retuning_std=1e-3)
+    report = run(files, "backdoored", tmp_path, calibration=never_retuned)
+    assert report["verdict"] == "residual" and report["residual_targets"] == [TARGET]
+    assert "dormant, not gone" in report["verdict_reason"] and "may survive" in report["verdict_reason"]
+    assert report["model_changed"] and report["verification"]["retuning"][0]["probability"] == 1.0
+
+
+def test_the_re_tuning_check_tells_a_dormant_backdoor_from_none():
+    """A backdoor unlearnt on the surface only (its trigger stamped on a few batches labelled
+    right, until it flips almost nothing) comes back when re-tuned with a few triggered images;
+    the same trigger taught the same way to a model that never had it stays at nothing."""
+    backdoored, clean = train(backdoored=True), train(backdoored=False)
+    x, y = toy_images(2000, seed=5)
+    x_hold, y_hold = toy_images(1000, seed=6)
+    square = torch.zeros(1, SIDE, SIDE)
+    square[..., -3:-1, -3:-1] = 1.0  # the mask family's raw parameters are logits: +-10 is 0 or 1
+    raw = torch.cat([(square * 20 - 10).flatten(), torch.full((SIDE * SIDE,), 10.0)])
+    trigger = FoundTrigger(TARGET, MaskFamily((1, SIDE, SIDE)), raw, 4 / SIDE ** 2, 4 / SIDE ** 2, worked=True)
+    assert held_out_asr(backdoored, trigger, x_hold, y_hold) == 1.0
+
+    optimizer = torch.optim.SGD(backdoored.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    while held_out_asr(backdoored.eval(), trigger, x_hold, y_hold) > 0.03:
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(backdoored.train()(torch.cat([x[idx], stamp(x[idx])])), torch.cat([y[idx], y[idx]])).backward()
+        optimizer.step()
+
+    reference = train_reference(x, y, K, epochs=10, seed=0)
+    dormant = retune(backdoored.eval(), reference, trigger, x, y, x_hold, y_hold, seed=0)
+    never_there = retune(clean, reference, trigger, x, y, x_hold, y_hold, seed=0)
+    assert dormant.asr <= 0.03 and dormant.retuned_asr > 0.5 and dormant.reference_asr < 0.05
+    assert never_there.retuned_asr < 0.05 and never_there.statistic < 1 < 5 < dormant.statistic
 
 
 def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_path):
@@ -125,7 +170,7 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)
-    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET],
+    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET], [],
                             [rolled_back], SanitizeConfig())
     assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
 

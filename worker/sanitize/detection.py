@@ -20,29 +20,28 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 @dataclass(frozen=True)
 class Calibration:
-    mean: float
+    mean: float  # of the class scores (a normal fit, ``fit``)
     std: float
     models: int  # clean calibration models it was fitted on
     source: str
+    # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
+    retuning_mean: float
+    retuning_std: float
+    retuning_classes: int
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
         return cls(**json.loads(path.read_text()))
 
     @classmethod
-    def fit(cls, scores: list[float], models: int, source: str) -> "Calibration":
-        """A normal fit whose spread is taken from the upper half only (the root mean square of
-        the values above the median): flags live in the upper tail, and a heavy upper tail must
-        widen the fit rather than be averaged away by the lower half."""
-        median = statistics.median(scores)
-        upper = [r - median for r in scores if r > median]
-        return cls(median, math.sqrt(statistics.fmean(d * d for d in upper)), models, source)
+    def fit(cls, scores: list[float], retuning: list[float], models: int, source: str) -> "Calibration":
+        return cls(*upper_normal(scores), models, source, *upper_normal(retuning), len(retuning))
 
     @classmethod
     def scores_only(cls) -> "Calibration":
-        """A calibration under which nothing is ever flagged: for collecting the scores of the
-        calibration models themselves."""
-        return cls(math.inf, 1.0, 0, "scores only")
+        """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
+        dormant: for collecting the calibration models' own scores."""
+        return cls(math.inf, 1.0, 0, "scores only", math.inf, 1.0, 0)
 
     @property
     def collects_scores(self) -> bool:
@@ -50,12 +49,28 @@ class Calibration:
 
     def probability(self, score: float, tests: int) -> float:
         """Chance that a clean model with ``tests`` scores shows none as high as this one."""
-        phi = 0.5 * (1 + math.erf((score - self.mean) / (self.std * math.sqrt(2))))
-        return phi ** tests
+        return normal_cdf(score, self.mean, self.std) ** tests
+
+    def retuning_probability(self, statistic: float, tests: int) -> float:
+        """Chance that ``tests`` classes of clean models, unlearnt, all re-tune less than this."""
+        return normal_cdf(statistic, self.retuning_mean, self.retuning_std) ** tests
 
     def score_for(self, probability: float, tests: int) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
         return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
+
+
+def upper_normal(values: list[float]) -> tuple[float, float]:
+    """(mean, std) of a normal fit whose spread is taken from the upper half only (the root mean
+    square of the values above the median): flags live in the upper tail, and a heavy upper tail
+    must widen the fit rather than be averaged away by the lower half."""
+    median = statistics.median(values)
+    upper = [v - median for v in values if v > median]
+    return median, math.sqrt(statistics.fmean(d * d for d in upper))
+
+
+def normal_cdf(value: float, mean: float, std: float) -> float:
+    return 0.5 * (1 + math.erf((value - mean) / (std * math.sqrt(2))))
 
 
 @dataclass

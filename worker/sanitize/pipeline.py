@@ -34,7 +34,8 @@ from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, mak
                        train_generator)
 from .reference import LazyReference
 from .report import (AccuracyChange, BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore,
-                     SampleCounts, TriggerFile, UnlearningSummary, Verification)
+                     RetuningRow, SampleCounts, TriggerFile, UnlearningSummary, Verification)
+from .retuning import Retuning, retune
 from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, correct_predictions, share, unlearn
 
 # Share of the progress bar each stage takes.
@@ -257,6 +258,13 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
             for s in detection.scores]
 
 
+def retuning_row(retuning: Retuning, calibration: Calibration, tests: int) -> RetuningRow:
+    return RetuningRow(class_=retuning.target, family=retuning.family, asr=round(retuning.asr, 4),
+                       retuned_asr=round(retuning.retuned_asr, 4), reference_asr=round(retuning.reference_asr, 4),
+                       statistic=round(retuning.statistic, 3),
+                       probability=round(calibration.retuning_probability(retuning.statistic, tests), 4))
+
+
 class Stages:
     """A run's clock, and its progress callback scaled to each stage's share of the bar (STAGES);
     every report first asks ``check_cancel``."""
@@ -415,20 +423,32 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
             break
         all_triggers += generators_for(model, verification, verification.to_unlearn(config.detection), x_train,
                                        y_train, x_hold, y_hold, config, config.seed + 1000 * (round_number + 1))
+    # A search that finds nothing small does not make a backdoor gone: unlearning may have made it
+    # dormant, and then a brief fine-tuning with a few triggered images brings it back (retuning.py).
+    changed = kept_an_epoch(unlearning_runs)
+    t0 = time.perf_counter()
+    retunings = []
+    for i, score in enumerate(one_per_class(to_unlearn) if changed else []):
+        stages.report("verification", 1.0, f"re-tuning check, class {score.target}")
+        retunings.append(retune(model, reference.get(), detection.found[(score.target, score.family)],
+                                x_train, y_train, x_hold, y_hold, config.seed + i))
+    t_verify += time.perf_counter() - t0
     timings["unlearning"] = t_unlearn
     timings["verification"] = t_verify - (reference.seconds - trained_in_recovery)
     timings["reference"] = reference.seconds
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
-    # nothing even suspicious; any class above that line after unlearning counts as residual.
-    # Unlearning that kept no epoch (each one rolled back, or no epochs asked for) leaves the
-    # weights as they came, and then every flagged class is residual, whatever a search missed.
+    # nothing even suspicious, and unlearnt classes that re-tune no faster than clean models'
+    # (each against the suspicious line); any other class counts as residual. Unlearning that
+    # kept no epoch (each one rolled back, or no epochs asked for) leaves the weights as they
+    # came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
-    changed = kept_an_epoch(unlearning_runs)
+    dormant = sorted(r.target for r in retunings
+                     if calibration.retuning_probability(r.statistic, len(retunings)) >= suspicious)
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | (set() if changed else set(detected)))
+                          | set(dormant) | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
@@ -448,7 +468,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, detected, residual,
+        verdict_reason=verdict_reason(verdict, detection, verification, detected, residual, dormant,
                                       unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
@@ -462,7 +482,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
                        for target in detected},
         verification=None if verification is None else Verification(
             rounds=len(unlearning_runs), backdoor_probability=round(verification.probability, 4),
-            class_scores=score_rows(verification)[:num_classes]),
+            class_scores=score_rows(verification)[:num_classes],
+            retuning=[retuning_row(r, calibration, len(retunings)) for r in retunings]),
         sample_accuracy=sample_accuracy,
         num_classes=num_classes,
         class_names=samples.class_names,
@@ -502,7 +523,8 @@ def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   residual: list[int], unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
+                   residual: list[int], dormant: list[int], unlearning_runs: list[UnlearningResult],
+                   config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
@@ -529,7 +551,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                                       "unlearnt with it")
         return (f"backdoor found for class(es) {flagged}{also}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
-                f"(backdoor probability {verification.probability:.2f})")
+                f"(backdoor probability {verification.probability:.2f}), and fine-tuned with a few images "
+                "stamped with the recovered trigger, the model learns it back no faster than clean models do")
     if not kept_an_epoch(unlearning_runs):
         rollbacks = sum(run.rollbacks for run in unlearning_runs)
         why = ("unlearning.epochs is 0" if config.unlearning.epochs == 0 else
@@ -537,8 +560,12 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
         return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
                 "returned unchanged and the backdoor may survive; do not ship this model without further checks")
-    return (f"after unlearning, a new trigger search from scratch still finds unusually small triggers "
-            f"for class(es) {residual} (backdoor probability {verification.probability:.2f}): the backdoor "
-            "may survive; do not ship this model without further checks")
+    found = [t for t in residual if t not in dormant]
+    why = [] if not found else [f"a new trigger search from scratch still finds unusually small triggers for "
+                                f"class(es) {found} (backdoor probability {verification.probability:.2f})"]
+    if dormant:
+        why.append(f"fine-tuned with a few images stamped with the recovered trigger, class(es) {dormant} "
+                   "learn it back faster than clean models do (the backdoor is dormant, not gone)")
+    return f"after unlearning, {' and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
 
 

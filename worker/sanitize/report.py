@@ -53,12 +53,28 @@ class ReportedScore(ReportPart):
     flagged: bool = False
 
 
+class RetuningRow(ReportPart):
+    """The re-tuning check of one unlearnt class (docs/method.md, "Verification"): its found
+    trigger's held-out ASR on the sanitized model, then on copies of it and of the reference model
+    fine-tuned one epoch with a few images stamped with it."""
+
+    class_: int = Field(alias="class")
+    family: str
+    asr: float
+    retuned_asr: float
+    reference_asr: float
+    statistic: float  # log odds of retuned_asr minus those of reference_asr
+    probability: float  # against clean models' unlearnt classes, as many as were checked
+
+
 class Verification(ReportPart):
-    """The search from scratch after unlearning."""
+    """The search from scratch after unlearning, and the re-tuning check (reports of older
+    versions lack it)."""
 
     rounds: int
     backdoor_probability: float
     class_scores: list[ReportedScore]
+    retuning: list[RetuningRow] = []
 
 
 class UnlearningSummary(ReportPart):

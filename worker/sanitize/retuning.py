@@ -1,0 +1,80 @@
+"""The re-tuning check: is an unlearnt backdoor gone, or only dormant?
+
+Unlearning can remove a backdoor's surface: the recovered trigger stops working, and a search
+from scratch finds nothing small, while the features that carried the backdoor stay. A brief
+fine-tuning with a handful of triggered images then brings it back: a Fashion-MNIST BadNets model
+reported `removed` kept 12.9% of its true trigger and re-tuned to 78% (docs/population.md, ninth
+sitting). A class that truly lost its backdoor learns the trigger again no faster than a model
+that never had one.
+
+So each unlearnt class's found trigger is taught, for one epoch, to a copy of the sanitized model
+and to a copy of the reference model (reference.py), on the training split plus 1% of it stamped
+with the trigger and labelled with the class; the statistic is how much more often the trigger
+works on held-out images after that on the sanitized copy than on the reference's, in log odds.
+The calibration's clean models, each unlearnt as if its most suspicious classes were targets, set
+the line (bench/population.py, ``--calibrate``).
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .recovery import FoundTrigger, held_out_asr
+
+POISON_SHARE = 0.01  # triggered images, as a share of the training split (at least one)
+EPOCHS, LR, MOMENTUM, BATCH_SIZE = 1, 0.01, 0.9, 128  # bench/metrics.py re-tunes the true trigger alike
+
+
+@dataclass
+class Retuning:
+    target: int
+    family: str
+    asr: float  # the found trigger's held-out ASR on the sanitized model, as it is
+    retuned_asr: float  # ... on the sanitized model's re-tuned copy
+    reference_asr: float  # ... on the reference model's re-tuned copy
+    statistic: float  # log odds of retuned_asr minus those of reference_asr
+
+
+def retuned_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, x_hold: torch.Tensor,
+                y_hold: torch.Tensor, seed: int) -> float:
+    """The trigger's held-out ASR on a copy of ``model`` fine-tuned (SGD, all layers, training
+    mode) on (x, y) plus ``POISON_SHARE`` of it stamped with the trigger; ``model`` is left as it was."""
+    g = torch.Generator().manual_seed(seed)
+    others = (y != trigger.target).nonzero().squeeze(1).cpu()
+    chosen = others[torch.randperm(len(others), generator=g)[: max(1, round(POISON_SHARE * len(x)))]].to(x.device)
+    stamped = trigger.family.stamp(x[chosen], trigger.raw.view(1, -1).expand(len(chosen), -1))
+    xs, ys = torch.cat([x, stamped]), torch.cat([y, torch.full_like(y[chosen], trigger.target)])
+
+    with torch.no_grad():  # a TorchScript module's copy would otherwise hold non-leaf clones
+        tuned = copy.deepcopy(model)
+    params = [p for p in tuned.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    tuned.train()
+    for _ in range(EPOCHS):
+        for idx in torch.randperm(len(xs), generator=g).split(BATCH_SIZE):
+            idx = idx.to(xs.device)
+            optimizer.zero_grad()
+            F.cross_entropy(tuned(xs[idx]), ys[idx]).backward()
+            optimizer.step()
+    tuned.eval()
+    return held_out_asr(tuned, trigger, x_hold, y_hold)
+
+
+def log_odds(share: float, images: int) -> float:
+    """Log odds of a share of ``images``, half an image from 0 and 1 so that none is infinite."""
+    hits = share * images
+    return math.log((hits + 0.5) / (images - hits + 0.5))
+
+
+def retune(model, reference, trigger: FoundTrigger, x, y, x_hold, y_hold, seed: int) -> Retuning:
+    """The re-tuning check of one found trigger on the (sanitized) model against the reference."""
+    images = int((y_hold != trigger.target).sum())
+    on_model = retuned_asr(model, trigger, x, y, x_hold, y_hold, seed)
+    on_reference = retuned_asr(reference, trigger, x, y, x_hold, y_hold, seed)
+    return Retuning(trigger.target, trigger.family.name, held_out_asr(model, trigger, x_hold, y_hold), on_model,
+                    on_reference, log_odds(on_model, images) - log_odds(on_reference, images))
