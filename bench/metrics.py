@@ -6,6 +6,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+# Re-tuning as the engine's re-tuning check does it (one set of settings, explained below).
+from worker.sanitize.retuning import BATCH_SIZE as RETUNE_BATCH
+from worker.sanitize.retuning import LR as RETUNE_LR
+from worker.sanitize.retuning import MOMENTUM as RETUNE_MOMENTUM
+from worker.sanitize.retuning import POISON_SHARE as RETUNE_POISON_SHARE
+from worker.sanitize.retuning import poison_count as retuning_poison_count
 # Clean accuracy the way the engine measures it for its report (one implementation).
 from worker.sanitize.unlearning import accuracy
 
@@ -19,10 +25,7 @@ from .train import fit
 # comes back. The optimiser is plain SGD at a constant lr 0.01 with momentum 0.9, the settings
 # of the fine-tuning every FT-style defense here ends with (BackdoorBench's), so the re-tuning is
 # no harsher per step than those defenses' own, and without a schedule, as a quick user re-tune.
-RETUNE_POISON_SHARE = 0.01  # poisoned images, as a share of the defender's set (at least one)
-RETUNE_LR = 0.01
-RETUNE_MOMENTUM = 0.9
-RETUNE_BATCH = 128
+# Poisoned images: 1% of the defender's set, at least one.
 
 
 @torch.no_grad()
@@ -81,10 +84,6 @@ def clean_epoch_seconds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int
         p.grad = None
         p.requires_grad_(flag)
     return elapsed
-
-
-def retuning_poison_count(defender_size: int) -> int:
-    return max(1, round(RETUNE_POISON_SHARE * defender_size))
 
 
 def retuning_set(attack, x: torch.Tensor, y: torch.Tensor,
