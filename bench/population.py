@@ -23,7 +23,6 @@ engine and Neural Cleanse results are cached per model, so a run resumes where i
 """
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -222,15 +221,15 @@ def trained(limit: int | None, calibration: bool, cache: Path) -> list[Victim]:
 UNLEARNT_CLASSES = 3  # a calibration model's most suspicious classes, unlearnt to measure their re-tuning
 
 
-def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path) -> list[float]:
+def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path) -> tuple[str, list[float]]:
     """The re-tuning statistics (worker/sanitize/retuning.py) of one clean calibration model's
     ``UNLEARNT_CLASSES`` most suspicious classes, unlearnt by the engine as if they were targets;
-    cached. What a sanitized model's class shows when no backdoor is left in it.
+    cached, with the model's kind. What a sanitized model's class shows when no backdoor is left in it.
 
     The engine is run with a calibration that flags exactly those classes: a line just under the
     last one's score, which the same seed's detection reproduces."""
     from worker.sanitize.config import DetectionConfig
-    from worker.sanitize.detection import Calibration
+    from worker.sanitize.detection import Calibration, never_dormant
 
     path = cache / "population" / "retuning" / f"{victim.key}.json"
     if not path.exists():
@@ -239,14 +238,15 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         tops = {s["class"]: s["score"] for s in reversed(scores)}  # class scores come most suspicious first
         classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
         line = min(tops[c] for c in classes) - 1e-3
-        flag_these = Calibration(line, 1e-6, 0, "flags the most suspicious classes", math.inf, 1.0, 0)
+        flag_these = Calibration(line, 1e-6, 0, "flags the most suspicious classes", never_dormant())
         print(f"unlearning classes {classes} of {victim.key}...", flush=True)
         if victim.dataset not in datasets:
             datasets[victim.dataset] = load_dataset(victim.dataset, cache)
         row = sanitize_victim(victim, datasets[victim.dataset], cache, flag_these)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"classes": classes, "retuning": row["report"]["verification"]["retuning"]}))
-    return [r["statistic"] for r in json.loads(path.read_text())["retuning"]]
+    rows = json.loads(path.read_text())["retuning"]
+    return rows[0]["kind"], [r["statistic"] for r in rows]
 
 
 def collect_scores(cache: Path, limit: int | None = None) -> Path:
@@ -254,16 +254,21 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
     suspicious classes, and fits the calibration from their scores and re-tuning statistics;
     writes worker/sanitize/calibration.json."""
     from worker.sanitize.detection import CALIBRATION_FILE, Calibration
+    from worker.sanitize.retuning import KINDS
 
     victims, datasets = trained(limit, True, cache), {}
     scores = [s["score"] for v in victims for s in detection_scores(v, datasets, cache)["class_scores"]]
-    retuning = [r for v in victims for r in retuning_statistics(v, datasets, cache)]
+    retuning = {kind: [] for kind in KINDS}
+    for victim in victims:
+        kind, statistics = retuning_statistics(victim, datasets, cache)
+        retuning[kind] += statistics
     calibration = Calibration.fit(scores, retuning, len(victims), "bench/population.py calibration models: "
                                   + ", ".join(v.key for v in victims))
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
     print(f"calibration from {len(victims)} clean models: scores mean {calibration.mean:.3f}, std "
-          f"{calibration.std:.3f}; re-tuning of {len(retuning)} unlearnt classes mean "
-          f"{calibration.retuning_mean:.3f}, std {calibration.retuning_std:.3f}")
+          f"{calibration.std:.3f}; re-tuning of their unlearnt classes, " + "; ".join(
+              f"{kind} {fit.count} classes, mean {fit.mean:.3f}, std {fit.std:.3f}"
+              for kind, fit in calibration.retuning.items()))
     return CALIBRATION_FILE
 
 

@@ -9,14 +9,15 @@ import torch
 
 from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import (Calibration, ClassScore, backdoor_probability, log_ratios, reference_line,
-                                      score_classes)
+from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
+                                      reference_line, score_classes)
 from worker.sanitize.pipeline import Detection, Normalized, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
+from worker.sanitize.retuning import KINDS, model_kind
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
-CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test", retuning_mean=0.0, retuning_std=1.0,
-                          retuning_classes=30)
+CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test",
+                          retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30)})
 
 
 def found(sizes, family=MASK, asr=0.95):
@@ -84,10 +85,11 @@ def test_blend_factors_are_compared_among_themselves():
 
 def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability():
     ratios = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
-    calibration = Calibration.fit(ratios, [x + 1 for x in ratios], models=1, source="test")
+    calibration = Calibration.fit(ratios, {"batchnorm": [x + 1 for x in ratios], "plain": ratios[:2]}, models=1,
+                                  source="test")
     assert calibration.mean == 0.0 and math.isclose(calibration.std, math.sqrt((0.25 + 9) / 2))
-    assert calibration.retuning_mean == 1.0 and calibration.retuning_std == calibration.std
-    assert calibration.retuning_classes == len(ratios)
+    assert calibration.retuning["batchnorm"] == NormalFit(1.0, calibration.std, len(ratios))
+    assert calibration.retuning["plain"] == NormalFit(-0.75, 0.25, 2)
     # More tests per model make the same log ratio less surprising.
     assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
     assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
@@ -97,12 +99,20 @@ def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability
 def test_scores_only_calibration_never_flags():
     scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig())
     assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
-    assert Calibration.scores_only().retuning_probability(100.0, 1) == 0.0
+    assert all(Calibration.scores_only().retuning_probability(100.0, 1, kind) == 0.0 for kind in KINDS)
 
 
-def test_a_re_tuning_statistic_is_judged_against_as_many_clean_classes_as_were_checked():
-    assert CALIBRATION.retuning_probability(0.0, 1) == 0.5
-    assert CALIBRATION.retuning_probability(2.0, 3) < CALIBRATION.retuning_probability(2.0, 1) < 1
+def test_a_re_tuning_statistic_is_judged_against_as_many_clean_classes_of_its_kind_as_were_checked():
+    assert CALIBRATION.retuning_probability(0.0, 1, "plain") == 0.5
+    assert CALIBRATION.retuning_probability(2.0, 3, "plain") < CALIBRATION.retuning_probability(2.0, 1, "plain") < 1
+    # Models with running statistics re-learn faster: the same statistic is less surprising in them.
+    assert CALIBRATION.retuning_probability(2.0, 1, "batchnorm") == 0.5
+
+
+def test_a_model_with_running_statistics_is_its_own_kind():
+    assert model_kind(build_model("small_cnn", 10, 1)) == "plain"
+    resnet = build_model("small_resnet", 10, 1)
+    assert model_kind(resnet) == "batchnorm" and model_kind(torch.jit.script(resnet)) == "batchnorm"
 
 
 def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
@@ -120,7 +130,7 @@ def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
 def test_the_shipped_calibration_comes_from_clean_models():
     shipped = Calibration.load()
     assert shipped.models >= 2 and shipped.std > 0
-    assert shipped.retuning_classes >= 3 and shipped.retuning_std > 0
+    assert all(shipped.retuning[kind].count >= 3 and shipped.retuning[kind].std > 0 for kind in KINDS)
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -16,18 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
-from worker.sanitize.detection import Calibration, ClassScore
+from worker.sanitize.detection import Calibration, ClassScore, NormalFit
 from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, verdict_reason
 from worker.sanitize.recovery import FoundTrigger, MaskFamily, held_out_asr
 from worker.sanitize.reference import train_reference
-from worker.sanitize.retuning import retune
+from worker.sanitize.retuning import KINDS, retune
 from worker.sanitize.unlearning import Check, UnlearningResult
 
 K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
-TOY_CALIBRATION = Calibration(mean=0.0, std=0.5, models=0, source="toy", retuning_mean=1.0, retuning_std=1.0,
-                              retuning_classes=0)
+TOY_CALIBRATION = Calibration(mean=0.0, std=0.5, models=0, source="toy",
+                              retuning={kind: NormalFit(1.0, 1.0, 0) for kind in KINDS})
 SMALL = {"recovery": {"screen_steps": 20, "refine_steps": 60, "generator_steps": 20, "families": ["mask", "blend"]},
          "unlearning": {"epochs": 3}}
 
@@ -115,11 +115,12 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     # Re-tuned with its recovered trigger, the unlearnt class learns it back no faster than the reference.
     [retuning] = report["verification"]["retuning"]
     assert retuning["class"] == TARGET and retuning["retuned_asr"] < 0.1 and retuning["probability"] < 0.8
+    assert retuning["kind"] == "plain"  # judged against clean models without running statistics
 
 
 def test_a_backdoor_that_comes_back_when_re_tuned_is_reported_residual(files, tmp_path):
     # A calibration whose clean models never re-tune at all: any re-tuning counts as a dormant backdoor.
-    never_retuned = dataclasses.replace(TOY_CALIBRATION, retuning_mean=-100.0, retuning_std=1e-3)
+    never_retuned = dataclasses.replace(TOY_CALIBRATION, retuning={kind: NormalFit(-100.0, 1e-3, 0) for kind in KINDS})
     report = run(files, "backdoored", tmp_path, calibration=never_retuned)
     assert report["verdict"] == "residual" and report["residual_targets"] == [TARGET]
     assert "dormant, not gone" in report["verdict_reason"] and "may survive" in report["verdict_reason"]

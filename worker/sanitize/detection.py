@@ -14,8 +14,26 @@ from pathlib import Path
 
 from .config import DetectionConfig
 from .recovery import FoundTrigger
+from .retuning import KINDS
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+
+@dataclass(frozen=True)
+class NormalFit:
+    """A normal fit of clean models' values (``upper_normal``) and how many values it took."""
+
+    mean: float
+    std: float
+    count: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "NormalFit":
+        return cls(*upper_normal(values), len(values))
+
+    def below(self, value: float) -> float:
+        """Chance that one clean value is below ``value``."""
+        return normal_cdf(value, self.mean, self.std)
 
 
 @dataclass(frozen=True)
@@ -24,24 +42,24 @@ class Calibration:
     std: float
     models: int  # clean calibration models it was fitted on
     source: str
-    # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
-    retuning_mean: float
-    retuning_std: float
-    retuning_classes: int
+    # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets,
+    # fitted apart for each model kind (retuning.KINDS).
+    retuning: dict[str, NormalFit]
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
-        return cls(**json.loads(path.read_text()))
+        fields = json.loads(path.read_text())
+        return cls(**{**fields, "retuning": {kind: NormalFit(**fit) for kind, fit in fields["retuning"].items()}})
 
     @classmethod
-    def fit(cls, scores: list[float], retuning: list[float], models: int, source: str) -> "Calibration":
-        return cls(*upper_normal(scores), models, source, *upper_normal(retuning), len(retuning))
+    def fit(cls, scores: list[float], retuning: dict[str, list[float]], models: int, source: str) -> "Calibration":
+        return cls(*upper_normal(scores), models, source, {kind: NormalFit.of(retuning[kind]) for kind in KINDS})
 
     @classmethod
     def scores_only(cls) -> "Calibration":
         """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
         dormant: for collecting the calibration models' own scores."""
-        return cls(math.inf, 1.0, 0, "scores only", math.inf, 1.0, 0)
+        return cls(math.inf, 1.0, 0, "scores only", never_dormant())
 
     @property
     def collects_scores(self) -> bool:
@@ -51,13 +69,18 @@ class Calibration:
         """Chance that a clean model with ``tests`` scores shows none as high as this one."""
         return normal_cdf(score, self.mean, self.std) ** tests
 
-    def retuning_probability(self, statistic: float, tests: int) -> float:
-        """Chance that ``tests`` classes of clean models, unlearnt, all re-tune less than this."""
-        return normal_cdf(statistic, self.retuning_mean, self.retuning_std) ** tests
+    def retuning_probability(self, statistic: float, tests: int, kind: str) -> float:
+        """Chance that ``tests`` unlearnt classes of clean models of this kind all re-tune less than this."""
+        return self.retuning[kind].below(statistic) ** tests
 
     def score_for(self, probability: float, tests: int) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
         return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
+
+
+def never_dormant() -> dict[str, NormalFit]:
+    """A re-tuning line that no statistic reaches, for every kind."""
+    return {kind: NormalFit(math.inf, 1.0, 0) for kind in KINDS}
 
 
 def upper_normal(values: list[float]) -> tuple[float, float]:

@@ -261,8 +261,8 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
 def retuning_row(retuning: Retuning, calibration: Calibration, tests: int) -> RetuningRow:
     return RetuningRow(class_=retuning.target, family=retuning.family, asr=round(retuning.asr, 4),
                        retuned_asr=round(retuning.retuned_asr, 4), reference_asr=round(retuning.reference_asr, 4),
-                       statistic=round(retuning.statistic, 3),
-                       probability=round(calibration.retuning_probability(retuning.statistic, tests), 4))
+                       statistic=round(retuning.statistic, 3), kind=retuning.kind,
+                       probability=round(calibration.retuning_probability(retuning.statistic, tests, retuning.kind), 4))
 
 
 class Stages:
@@ -444,7 +444,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
     dormant = sorted(r.target for r in retunings
-                     if calibration.retuning_probability(r.statistic, len(retunings)) >= suspicious)
+                     if calibration.retuning_probability(r.statistic, len(retunings), r.kind) >= suspicious)
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}

@@ -65,6 +65,9 @@ class RetuningRow(ReportPart):
     reference_asr: float
     statistic: float  # log odds of retuned_asr minus those of reference_asr
     probability: float  # against clean models' unlearnt classes, as many as were checked
+    # The clean models it was judged against: "batchnorm" (models with running statistics) or
+    # "plain"; reports of older versions lack it.
+    kind: str | None = None
 
 
 class Verification(ReportPart):

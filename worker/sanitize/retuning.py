@@ -12,7 +12,11 @@ and to a copy of the reference model (reference.py), on the training split plus 
 with the trigger and labelled with the class; the statistic is how much more often the trigger
 works on held-out images after that on the sanitized copy than on the reference's, in log odds.
 The calibration's clean models, each unlearnt as if its most suspicious classes were targets, set
-the line (bench/population.py, ``--calibrate``).
+the line (bench/population.py, ``--calibrate``), one per model kind: fine-tuning in training mode
+moves BatchNorm's running statistics as well as the weights, and clean models that keep them
+learned their unlearnt classes back far faster than plain ones (statistics -0.1 to +6.1 against
+-5.3 to -2.0, docs/population.md), so a line pooled over both let dormant backdoors of plain models
+through.
 """
 
 import copy
@@ -29,6 +33,14 @@ POISON_SHARE = 0.01  # triggered images, as a share of the clean images (at leas
 EPOCHS, LR, MOMENTUM, BATCH_SIZE = 1, 0.01, 0.9, 128
 
 
+KINDS = ("batchnorm", "plain")
+
+
+def model_kind(model) -> str:
+    """"batchnorm" for a model that keeps running statistics (BatchNorm and the like), else "plain"."""
+    return "batchnorm" if any(name.endswith("running_mean") for name, _ in model.named_buffers()) else "plain"
+
+
 @dataclass
 class Retuning:
     target: int
@@ -37,6 +49,7 @@ class Retuning:
     retuned_asr: float  # ... on the sanitized model's re-tuned copy
     reference_asr: float  # ... on the reference model's re-tuned copy
     statistic: float  # log odds of retuned_asr minus those of reference_asr
+    kind: str  # the model's kind (KINDS): which clean models' line judges the statistic
 
 
 def poison_count(clean_images: int) -> int:
@@ -82,4 +95,4 @@ def retune(model, reference, trigger: FoundTrigger, x, y, x_hold, y_hold, seed: 
     on_model = retuned_asr(model, trigger, x, y, x_hold, y_hold, seed)
     on_reference = retuned_asr(reference, trigger, x, y, x_hold, y_hold, seed)
     return Retuning(trigger.target, trigger.family.name, held_out_asr(model, trigger, x_hold, y_hold), on_model,
-                    on_reference, log_odds(on_model, images) - log_odds(on_reference, images))
+                    on_reference, log_odds(on_model, images) - log_odds(on_reference, images), model_kind(model))
