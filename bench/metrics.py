@@ -6,17 +6,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-# Re-tuning as the engine's re-tuning check does it (one set of settings, explained below).
-from worker.sanitize.retuning import BATCH_SIZE as RETUNE_BATCH
-from worker.sanitize.retuning import LR as RETUNE_LR
-from worker.sanitize.retuning import MOMENTUM as RETUNE_MOMENTUM
-from worker.sanitize.retuning import POISON_SHARE as RETUNE_POISON_SHARE
-from worker.sanitize.retuning import poison_count as retuning_poison_count
+# Re-tuning as the engine's re-tuning check does it (one implementation, explained below).
+from worker.sanitize.retuning import fine_tuned, poison_count
 # Clean accuracy the way the engine measures it for its report (one implementation).
 from worker.sanitize.unlearning import accuracy
 
-from .baselines.common import trainable_copy
-from .train import fit
 
 # Re-tuning ("superficial safety", NeurIPS 2024: most defenses that reach a low ASR leave the
 # backdoor one short fine-tuning away): a copy of the defended model is fine-tuned for one epoch
@@ -25,7 +19,7 @@ from .train import fit
 # comes back. The optimiser is plain SGD at a constant lr 0.01 with momentum 0.9, the settings
 # of the fine-tuning every FT-style defense here ends with (BackdoorBench's), so the re-tuning is
 # no harsher per step than those defenses' own, and without a schedule, as a quick user re-tune.
-# Poisoned images: 1% of the defender's set, at least one.
+# The poisoned images are 1% of the defender's set, at least one.
 
 
 @torch.no_grad()
@@ -88,13 +82,13 @@ def clean_epoch_seconds(model, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def retuning_set(attack, x: torch.Tensor, y: torch.Tensor,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The defender's clean set (x, y) plus ``retuning_poison_count`` poisoned copies of its
+    """The defender's clean set (x, y) plus ``poison_count`` poisoned copies of its
     images: images of classes other than the trigger's target, stamped with the trigger and
     labelled with the target. Several triggers share the poisoned images evenly."""
     g = torch.Generator().manual_seed(seed)
     triggers = attack.triggers()
     xs, ys = [x], [y]
-    shares = torch.arange(retuning_poison_count(len(x))).tensor_split(len(triggers))
+    shares = torch.arange(poison_count(len(x))).tensor_split(len(triggers))
     for share, (stamp, target) in zip(shares, triggers):
         others = (y != target).nonzero().squeeze(1)
         chosen = others[torch.randperm(len(others), generator=g)[: len(share)]]
@@ -110,8 +104,5 @@ def retuned(model, attack, defender: tuple[torch.Tensor, torch.Tensor],
     if attack is None:
         return {"ca_retuned": None, "asr_retuned": None}
     x, y = retuning_set(attack, *defender, seed=seed)
-    model = trainable_copy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=RETUNE_LR, momentum=RETUNE_MOMENTUM)
-    fit(model, optimizer, x, y, epochs=1, batch_size=RETUNE_BATCH, seed=seed)
-    after = evaluate(model, attack, *test)
+    after = evaluate(fine_tuned(model, x, y, torch.Generator().manual_seed(seed)), attack, *test)
     return {"ca_retuned": after["ca"], "asr_retuned": after["asr"]}

@@ -5,9 +5,10 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
+from worker.sanitize.retuning import BATCH_SIZE, LR, MOMENTUM, POISON_SHARE
+
 from .baselines import DEFENSES
 from .published import published_section
-from .metrics import RETUNE_BATCH, RETUNE_LR, RETUNE_MOMENTUM, RETUNE_POISON_SHARE
 
 LABELS = {"none": "none", **{name: label for name, (label, _) in DEFENSES.items()}}
 
@@ -61,9 +62,9 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
         "  [max(0, ASR drop) - max(0, CA drop) + 1] / 2. Cost: the defense's wall time in",
         "  forward+backward passes over the defender's clean set, measured in the same run.",
         "- Re-tuned ASR: the ASR after a copy of the defended model is fine-tuned for one epoch on",
-        f"  the defender's clean set plus poisoned images, {RETUNE_POISON_SHARE:.0%} of its size (at least one;",
+        f"  the defender's clean set plus poisoned images, {POISON_SHARE:.0%} of its size (at least one;",
         "  the setup line gives the number): images of other classes carrying the trigger, labelled",
-        f"  with its target. SGD, constant lr {RETUNE_LR}, momentum {RETUNE_MOMENTUM}, batches of {RETUNE_BATCH}.",
+        f"  with its target. SGD, constant lr {LR}, momentum {MOMENTUM}, batches of {BATCH_SIZE}.",
         "  A backdoor the defense removed stays low; one it only hid comes back. \"not run\" there:",
         "  a row measured before the column existed (`--fresh` measures it again).",
         "",

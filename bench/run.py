@@ -27,12 +27,12 @@ import torch
 from worker.sanitize.architectures import build_model
 from worker.sanitize.errors import InputError
 from worker.sanitize.pipeline import pick_device
+from worker.sanitize.retuning import poison_count
 
 from .attacks import ATTACKS
 from .baselines import DEFENSES, get_defense
 from .datasets import cifar10, digits, fashion_mnist
-from .metrics import (clean_epoch_seconds, clock, defense_effectiveness_rating, evaluate, retuned,
-                      retuning_poison_count)
+from .metrics import clean_epoch_seconds, clock, defense_effectiveness_rating, evaluate, retuned
 from .report import write_plot, write_table
 from .train import crop_and_flip, train_classifier
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
              f"images for {suite.epochs} epochs{' with random crops and flips' if suite.augment else ''} "
              "(its clean accuracy: the \"none\" column's CA), 10% poisoning unless the attack says "
              f"otherwise; the defender holds {defender_size} clean images, and re-tuning adds "
-             f"{retuning_poison_count(defender_size)} poisoned ones; {len(data.test[1])} test images")
+             f"{poison_count(defender_size)} poisoned ones; {len(data.test[1])} test images")
     out = args.out or Path("bench-out" if args.quick else "docs")
     # The table holds every cached row of the suite, whichever runs filled them: the command
     # that reproduces it is the whole suite's.

@@ -22,19 +22,24 @@ def train_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: 
     torch.manual_seed(seed)
     model = build_model("small_cnn", num_classes, x.shape[1]).to(x.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            idx = idx.to(x.device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    train_epochs(model, optimizer, x, y, epochs, batch_size, torch.Generator().manual_seed(seed))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def train_epochs(model, optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
+                 generator: torch.Generator) -> None:
+    """Minibatch cross-entropy in training mode, in an order ``generator`` shuffles; leaves the
+    model in eval mode."""
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            idx = idx.to(x.device)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    model.eval()
 
 
 class LazyReference:

@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .recovery import FoundTrigger, held_out_asr
+from .reference import train_epochs
 
 # The bench's re-tuning of the true trigger uses the same settings (bench/metrics.py says why these).
 POISON_SHARE = 0.01  # triggered images, as a share of the clean images (at least one)
@@ -58,29 +58,26 @@ def poison_count(clean_images: int) -> int:
 
 def retuned_asr(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, x_hold: torch.Tensor,
                 y_hold: torch.Tensor, seed: int) -> float:
-    """The trigger's held-out ASR on a copy of ``model`` fine-tuned (SGD, all layers, training
-    mode) on (x, y) plus ``POISON_SHARE`` of it stamped with the trigger; ``model`` is left as it was."""
+    """The trigger's held-out ASR on a copy of ``model`` fine-tuned on (x, y) plus ``POISON_SHARE``
+    of it stamped with the trigger; ``model`` is left as it was."""
     g = torch.Generator().manual_seed(seed)
     others = (y != trigger.target).nonzero().squeeze(1).cpu()
     chosen = others[torch.randperm(len(others), generator=g)[: poison_count(len(x))]].to(x.device)
     stamped = trigger.family.stamp(x[chosen], trigger.raw.view(1, -1).expand(len(chosen), -1))
     xs, ys = torch.cat([x, stamped]), torch.cat([y, torch.full_like(y[chosen], trigger.target)])
+    return held_out_asr(fine_tuned(model, xs, ys, g), trigger, x_hold, y_hold)
 
+
+def fine_tuned(model, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.nn.Module:
+    """A copy of ``model`` re-tuned on (x, y): SGD on all layers in training mode, ``EPOCHS`` in an
+    order ``generator`` shuffles; returned in eval mode, ``model`` left as it was."""
     with torch.no_grad():  # a TorchScript module's copy would otherwise hold non-leaf clones
         tuned = copy.deepcopy(model)
     params = [p for p in tuned.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    tuned.train()
-    for _ in range(EPOCHS):
-        for idx in torch.randperm(len(xs), generator=g).split(BATCH_SIZE):
-            idx = idx.to(xs.device)
-            optimizer.zero_grad()
-            F.cross_entropy(tuned(xs[idx]), ys[idx]).backward()
-            optimizer.step()
-    tuned.eval()
-    return held_out_asr(tuned, trigger, x_hold, y_hold)
+    train_epochs(tuned, torch.optim.SGD(params, lr=LR, momentum=MOMENTUM), x, y, EPOCHS, BATCH_SIZE, generator)
+    return tuned
 
 
 def log_odds(share: float, images: int) -> float:
