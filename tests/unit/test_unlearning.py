@@ -7,8 +7,8 @@ from torch import nn
 
 from worker.sanitize.config import UnlearningConfig
 from worker.sanitize.recovery import MaskFamily, RecoveredTrigger, TriggerGenerator, WarpFamily
-from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, nearness_weights, pull_to_anchor, unlearn,
-                                        unlearning_loss)
+from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, nearness_weights, pull_to_anchor,
+                                        towards_original, unlearn, unlearning_loss)
 
 
 def loss(model, triggers, x, y, k):
@@ -73,6 +73,15 @@ def test_fisher_is_normalised_and_largest_where_the_loss_depends_most():
     fisher = diagonal_fisher(model, params, x, torch.randint(0, 3, (64,)))
     assert math.isclose(max(f.max() for f in fisher).item(), 1.0, rel_tol=1e-6)
     assert fisher[0][:, 8:].abs().max() == 0 and fisher[0][:, :8].mean() > 0
+
+
+def test_the_path_step_points_back_to_the_original_weights_at_the_given_length():
+    anchor = [torch.zeros(2), torch.zeros(1)]
+    weights = [torch.tensor([3.0, 0.0]), torch.tensor([4.0])]  # 5 from the original weights
+    back = towards_original(weights, anchor, radius=0.5)
+    assert torch.allclose(back[0], torch.tensor([-0.3, 0.0])) and torch.allclose(back[1], torch.tensor([-0.4]))
+    at_start = towards_original(anchor, anchor, radius=0.5)  # no direction yet: no step
+    assert all(torch.equal(step, torch.zeros_like(step)) for step in at_start)
 
 
 def test_the_anchor_pulls_towards_the_original_weights_and_never_past_them():
