@@ -230,6 +230,7 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
     last one's score, which the same seed's detection reproduces."""
     from worker.sanitize.config import DetectionConfig
     from worker.sanitize.detection import Calibration, never_dormant
+    from worker.sanitize.retuning import model_kind
 
     path = cache / "population" / "retuning" / f"{victim.key}.json"
     if not path.exists():
@@ -246,6 +247,10 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"classes": classes, "retuning": row["report"]["verification"]["retuning"]}))
     rows = json.loads(path.read_text())["retuning"]
+    if not rows:  # unlearning kept no epoch, so nothing was re-tuned: the fit goes without this model
+        print(f"  {victim.key}: unlearning kept no epoch; no re-tuning statistics", flush=True)
+        model = torch.jit.load(str(cache / "population" / "models" / f"{victim.key}.pt"))
+        return model_kind(model), []
     return rows[0]["kind"], [r["statistic"] for r in rows]
 
 
