@@ -1,8 +1,8 @@
 """Unlearning: fine-tune the model so that the recovered triggers lose their effect while clean
 accuracy stays: soft targets computed once, triggered half batches, a bounded ascent away from the
 target, a Fisher-weighted anchor to the original weights, and the best epoch chosen on the
-selection split; each step's loss taken a little way back towards the original weights (PAM).
-docs/method.md, section 4, gives the loss and the measurements behind each part.
+selection split; on models without BatchNorm, each step's loss taken a little way back towards the
+original weights (PAM). docs/method.md, section 4, gives the loss and the measurements behind each part.
 """
 
 import copy
