@@ -49,9 +49,9 @@ def test_backdoor_is_found_and_erased_and_the_verdict_follows_the_re_tuning_chec
     before, after = evaluate(before, attack, x, y), evaluate(after, attack, x, y)
     assert before["asr"] > 0.9  # the backdoor was really there
     assert after["asr"] < 0.10
-    # Unlearning costs this 2 x 2 model 1.9 points on all 10,000 test images and 3.1 on these 5,000,
-    # 0.7 of them for path-aware minimisation, which halves how far re-tuning brings the backdoor
-    # back (docs/method.md, section 4).
+    # Unlearning costs this 2 x 2 model 2.0 points on all 10,000 test images (3.1 on these 5,000 at
+    # a smaller radius), 0.4 of them for path-aware minimisation, which more than halves how far
+    # re-tuning brings the backdoor back (docs/method.md, section 4).
     assert after["ca"] > before["ca"] - 0.04
 
 
