@@ -15,7 +15,7 @@ The calibration's clean models, each unlearnt as if its most suspicious classes 
 the line (bench/population.py, ``--calibrate``), one per model kind: fine-tuning in training mode
 moves BatchNorm's running statistics as well as the weights, and clean models that keep them
 learned their unlearnt classes back far faster than plain ones (statistics -0.1 to +6.1 against
--5.3 to -2.0, docs/population.md), so a line pooled over both let dormant backdoors of plain models
+-7.1 to -2.7, docs/population.md), so a line pooled over both let dormant backdoors of plain models
 through.
 """
 

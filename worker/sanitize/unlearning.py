@@ -114,20 +114,24 @@ def pull_to_anchor(params: list[torch.Tensor], anchor: list[torch.Tensor], fishe
         p.copy_(p0 + (p - p0) / (1 + strength * f))
 
 
+def l2_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t * t).sum() for t in tensors))
+
+
 def towards_original(params: list[torch.Tensor], anchor: list[torch.Tensor], radius: float) -> list[torch.Tensor]:
-    """The step of length ``radius`` from the weights towards the original ones (none while they
-    are the original ones).
+    """The step of length ``radius`` from the weights towards the original ones; none (an empty
+    list) for a radius of 0 or while the weights are the original ones.
 
     Path-aware minimisation (Min et al., "Uncovering, Explaining, and Mitigating the Superficial
     Safety of Backdoor Defense", NeurIPS 2024): a loss taken at that point, its gradient applied at
     the weights, wants the whole way back to the backdoored model free of the trigger, and so moves
     the weights further from it along that way. Unlearnt without it, the demo's backdoor was
     dormant: its true trigger re-tuned back to 41% of test images (docs/method.md, section 4)."""
+    if radius == 0:
+        return []
     gap = [p0 - p.detach() for p, p0 in zip(params, anchor)]
-    norm = torch.sqrt(sum((g * g).sum() for g in gap))
-    if norm == 0:
-        return [torch.zeros_like(g) for g in gap]
-    return [g * (radius / norm) for g in gap]
+    norm = l2_norm(gap)
+    return [] if norm == 0 else [g * (radius / norm) for g in gap]
 
 
 @torch.no_grad()
@@ -209,8 +213,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
         p.requires_grad_(True)
     anchor = [p.detach().clone() for p in params]
     # On a BatchNorm small ResNet the path step sent every epoch diverging (18 rollbacks, none kept).
-    radius = 0.0 if model_kind(model) != "plain" else (
-        cfg.path_radius * torch.sqrt(sum((p * p).sum() for p in anchor)).item())
+    radius = cfg.path_radius * l2_norm(anchor).item() if model_kind(model) == "plain" else 0.0
     weight = anchor_weight(triggers, cfg)
     fisher = diagonal_fisher(model, params, x_train, y_train) if weight else None
     targets = soft_targets(model, x_train, y_train, num_classes)
