@@ -283,7 +283,7 @@ def neural_cleanse_scores(victim: Victim, datasets: dict[str, Split], cache: Pat
     class below the median, and the classes it flags; cached."""
     import time
 
-    from .baselines.neural_cleanse import Settings, anomaly_indices, flag, reverse_engineer
+    from .baselines.neural_cleanse import Settings, flag, largest_anomaly_index, reverse_engineer
 
     path = cache / "population" / "neural_cleanse" / f"{victim.key}.json"
     if not path.exists():
@@ -298,10 +298,8 @@ def neural_cleanse_scores(victim: Victim, datasets: dict[str, Split], cache: Pat
         masks, _ = reverse_engineer(model, x_def, int(y_def.max()) + 1, settings, seed=0)
         seconds = time.perf_counter() - started
         norms = masks.flatten(1).sum(1)
-        below = norms < norms.quantile(0.5)
-        index = max((i for i, low in zip(anomaly_indices(norms).tolist(), below.tolist()) if low), default=0.0)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"norms": norms.tolist(), "anomaly_index": index,
+        path.write_text(json.dumps({"norms": norms.tolist(), "anomaly_index": largest_anomaly_index(norms),
                                     "flagged": flag(norms, settings.anomaly_threshold), "seconds": seconds}))
     return json.loads(path.read_text())
 

@@ -22,6 +22,23 @@ def retuned_asr(row: dict) -> str:
     return percent(row["asr_retuned"]) if "asr_retuned" in row else "not run"
 
 
+def finding(row: dict) -> str:
+    """What the defense concluded about the model (bench/baselines: BAERASE's verdict, the
+    classes a detecting defense flagged); rows measured before findings were kept have none."""
+    if "findings" not in row:
+        return "-" if row["defense"] == "none" else "not recorded"
+    found, parts = row["findings"], []
+    if "verdict" in found:
+        parts.append(f"`{found['verdict']}`, p {found['backdoor_probability']:.2f}")
+    if "detected_targets" in found and found["detected_targets"]:
+        parts.append("targets " + ", ".join(map(str, found["detected_targets"])))
+    if "flagged" in found:
+        parts.append("flags " + (", ".join(map(str, found["flagged"])) or "none"))
+    if "anomaly_index" in found:
+        parts.append(f"anomaly index {found['anomaly_index']:.1f}")
+    return "; ".join(parts) or "-"
+
+
 def device(row: dict) -> str:
     return row.get("device", "cpu")  # rows from before --device all ran on the CPU
 
@@ -98,12 +115,12 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
         for field, name in (("seconds", "mean seconds"), ("cost", "mean cost (clean epochs)")):
             values = [mean_of([r for r in backdoored if r["defense"] == d], field) for d in defenses]
             lines.append(f"| **{name}** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
-        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device | finding |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
                          f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
-                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} |")
+                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} | {finding(r)} |")
         lines.append("")
     lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""] + published_section()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +129,8 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
 
 def losses(rows: list[dict]) -> list[str]:
     """Every model on which a baseline beats BAERASE (higher DER on a backdoored model, a smaller
-    CA change on the clean one), on which BAERASE left the backdoor working, or from which
-    re-tuning brought it back."""
+    CA change on the clean one), on which BAERASE left the backdoor working, from which re-tuning
+    brought it back, or on which its verdict promised more than the measurement shows."""
     found = []
     for ours in (r for r in rows if r["defense"] == "baerase"):
         others = [r for r in rows if r["arch"] == ours["arch"] and r["attack"] == ours["attack"]
@@ -122,12 +139,13 @@ def losses(rows: list[dict]) -> list[str]:
             better = [r for r in others if r["der"] > ours["der"] + 0.005]
             detail = [f"{LABELS[r['defense']]} {percent(r['der'])} (CA {percent(r['ca'])}, ASR {percent(r['asr'])})"
                       for r in better]
-            ours_text = f"BAERASE DER {percent(ours['der'])} (CA {percent(ours['ca'])}, ASR {percent(ours['asr'])})"
+            ours_text = (f"BAERASE DER {percent(ours['der'])} (CA {percent(ours['ca'])}, ASR {percent(ours['asr'])}; "
+                         f"{finding(ours)})")
         else:
             drop = ours["before"]["ca"] - ours["ca"]
             better = [r for r in others if r["before"]["ca"] - r["ca"] < drop - 0.005]
             detail = [f"{LABELS[r['defense']]} CA {percent(r['ca'])}" for r in better]
-            ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])}"
+            ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])} ({finding(ours)})"
         if better:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}; better: {', '.join(detail)}")
         elif ours["asr"] is not None and ours["asr"] > 0.1:
@@ -135,6 +153,13 @@ def losses(rows: list[dict]) -> list[str]:
         if ours["asr"] is not None and ours["asr"] <= 0.1 and (ours.get("asr_retuned") or 0) > 0.1:
             found.append(f"- {ours['arch']} / {ours['attack']}: BAERASE ASR {percent(ours['asr'])}, "
                          f"re-tuned ASR {percent(ours['asr_retuned'])}: re-tuning brought the backdoor back")
+        verdict = ours.get("findings", {}).get("verdict")
+        if verdict == "clean" and ours["asr"] is not None:
+            found.append(f"- {ours['arch']} / {ours['attack']}: BAERASE said `clean` on a backdoored model "
+                         f"(ASR {percent(ours['asr'])}): a false all-clear")
+        elif verdict == "removed" and ((ours["asr"] or 0) > 0.1 or (ours.get("asr_retuned") or 0) > 0.1):
+            found.append(f"- {ours['arch']} / {ours['attack']}: BAERASE said `removed`, but the ASR is "
+                         f"{percent(ours['asr'])} (re-tuned {percent(ours.get('asr_retuned'))}): an over-claim")
     return found or ["Nowhere in this run."]
 
 

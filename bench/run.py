@@ -153,13 +153,14 @@ def victim(suite: Suite, data: Data, arch: str, attack_name: str, cache: Path):
 
 def defend_and_measure(model, attack, defense: str, data: Data, num_classes: int, quick: bool):
     """(defended model, its cell of the table): the defense's result on this model, its wall
-    time and its cost."""
+    time, its cost and what it concluded about the model."""
     x_def, y_def = data.defender
     epoch_s = clean_epoch_seconds(model, x_def, y_def)
     started = clock(x_def.device)
-    defended = get_defense(defense)(model, x_def, y_def, num_classes, seed=0, quick=quick)
+    defended, findings = get_defense(defense)(model, x_def, y_def, num_classes, seed=0, quick=quick)
     seconds = clock(x_def.device) - started
-    return defended, {**evaluate(defended, attack, *data.test), "seconds": seconds, "cost": seconds / epoch_s}
+    return defended, {**evaluate(defended, attack, *data.test), "seconds": seconds, "cost": seconds / epoch_s,
+                      "findings": findings}
 
 
 def suite_as_run(name: str, quick: bool) -> Suite:
@@ -190,7 +191,7 @@ def run(suite: Suite, data: Data, results: Path, cache: Path, *, archs, attacks,
                     continue
                 print(f"{arch} / {attack_name} / {defense}...", end=" ", flush=True)
                 if defense == "none":
-                    defended, after = model, before | {"seconds": 0.0, "cost": 0.0}
+                    defended, after = model, before | {"seconds": 0.0, "cost": 0.0, "findings": {}}
                 else:
                     defended, after = defend_and_measure(model, attack, defense, data, num_classes, quick)
                 row = {"arch": arch, "attack": attack_name, "defense": defense, **after,

@@ -32,6 +32,10 @@ def test_quick_bench_runs_every_defense_and_writes_table_and_plot(tmp_path):
     assert backdoored["asr"] > 0.5  # the quick suite's backdoor is really there
     for r in rows:
         assert 0 <= r["ca"] <= 1 and r["seconds"] >= 0 and r["device"] == "cpu"
+        if r["defense"] == "baerase":  # the verdict a user would act on is kept beside the numbers
+            assert r["findings"]["verdict"] in ("clean", "suspicious", "removed", "residual")
+        if r["defense"] in ("nc", "baerase-paper"):
+            assert all(0 <= c < 10 for c in r["findings"]["flagged"])
         assert (r["asr"] is None) == (r["attack"] == "clean")
         # Every row, the undefended one too, is re-tuned; a clean model has no trigger to bring back.
         assert (r["asr_retuned"] is None) == (r["ca_retuned"] is None) == (r["attack"] == "clean")
@@ -115,6 +119,22 @@ def test_losses_name_a_backdoor_that_re_tuning_brings_back():
     assert len(found) == 1 and "badnets" in found[0] and "re-tuned ASR 85.0" in found[0]
 
 
+def test_losses_name_a_verdict_that_promises_more_than_was_measured():
+    def baerase(attack, asr, verdict, **measured):
+        findings = {"verdict": verdict, "backdoor_probability": 0.5, "detected_targets": []}
+        return row(attack, "baerase", 0.9, asr, findings=findings, **measured)
+
+    found = losses([baerase("sig", 0.95, "clean"), baerase("blended", 0.95, "suspicious"),
+                    baerase("badnets", 0.13, "removed", asr_retuned=0.78), baerase("trojan", 0.01, "removed"),
+                    baerase("clean", None, "clean")])
+    assert [line for line in found if "false all-clear" in line] == [
+        "- small_cnn / sig: BAERASE said `clean` on a backdoored model (ASR 95.0): a false all-clear"]
+    [over_claim] = [line for line in found if "over-claim" in line]
+    assert "badnets" in over_claim and "ASR is 13.0 (re-tuned 78.0)" in over_claim
+    # An untouched model's line says what the engine concluded: suspicious is no all-clear.
+    assert any("blended" in line and "`suspicious`, p 0.50" in line and "survived" in line for line in found)
+
+
 def table_row(attack, defense, asr, **measured):
     return row(attack, defense, 0.9, asr, ra=None if asr is None else 0.05, seconds=1.0, cost=2.0,
                commit="abc1234", finished="2026-01-01 00:00:00", **measured)
@@ -128,8 +148,8 @@ def test_table_renders_rows_from_before_the_re_tuning_and_device_fields(tmp_path
     write_table(old + new, path, command="baerase bench --suite digits", setup="digits: ...",
                 order={"arch": ["small_cnn"], "attack": ["badnets", "blended"], "defense": ["none", "baerase"]})
     table = path.read_text()
-    assert "| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu |" in table
-    assert "| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda |" in table
+    assert "| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded |" in table
+    assert "| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | not recorded |" in table
     # A mean over some of the models would not compare with the others: not run until all have it.
     assert "| **mean re-tuned ASR** | not run | not run |" in table
     assert "not recorded (2 rows)" in table and "GPU NVIDIA H200 (2 rows)" in table

@@ -139,7 +139,7 @@ def prune(model: nn.Module, masks: dict[str, torch.Tensor], threshold: float) ->
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0,
-           quick: bool = False) -> nn.Module:
+           quick: bool = False) -> tuple[nn.Module, dict]:
     s = QUICK if quick else FULL
     masks = optimise_masks(model, x, y, s, torch.Generator().manual_seed(seed))
-    return prune(model, masks, s.threshold)
+    return prune(model, masks, s.threshold), {}

@@ -16,9 +16,12 @@ from ..train import save_samples
 QUICK = {"recovery": {"screen_steps": 10, "refine_steps": 10, "generator_steps": 10},
          "unlearning": {"epochs": 1, "rounds": 1}}
 
+# What the bench keeps of the report: the verdict a user would act on, and why.
+FINDINGS = ("verdict", "backdoor_probability", "detected_targets", "residual_targets", "verdict_reason")
+
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-           seed: int = 0, quick: bool = False) -> nn.Module:
+           seed: int = 0, quick: bool = False) -> tuple[nn.Module, dict]:
     # The engine runs on the device the bench gave the model and the images ("cpu" or "cuda").
     config = SanitizeConfig(seed=seed, device=x.device.type, num_classes=num_classes,
                             **(QUICK if quick else {}))
@@ -27,4 +30,5 @@ def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
         torch.jit.save(torch.jit.script(model), str(model_path))
         save_samples(samples_path, x, y)
         report = sanitize(model_path, samples_path, out, config)
-        return torch.jit.load(str(out / report["model_file"]), map_location=x.device).eval()
+        findings = {key: report[key] for key in FINDINGS}
+        return torch.jit.load(str(out / report["model_file"]), map_location=x.device).eval(), findings

@@ -239,7 +239,7 @@ def unlearn(model: nn.Module, trigger: PatchTrigger, x, y, s: Settings,
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0,
-           quick: bool = False) -> nn.Module:
+           quick: bool = False) -> tuple[nn.Module, dict]:
     s = QUICK if quick else FULL
     x, y = x[:s.images], y[:s.images]
     torch.manual_seed(seed)  # the generators draw noise and patch positions from the global RNG
@@ -250,6 +250,6 @@ def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     triggers = recover(frozen, x[train], y[train], x[hold], y[hold], num_classes, s.recovery)
     target = flagged_target([t.asr for t in triggers], s.anomaly_index)
     if target is None:
-        return trainable_copy(model).eval()
+        return trainable_copy(model).eval(), {"flagged": []}
     return unlearn(model, triggers[target], x[train], y[train], s,
-                   torch.Generator().manual_seed(seed))
+                   torch.Generator().manual_seed(seed)), {"flagged": [target]}

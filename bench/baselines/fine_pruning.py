@@ -76,7 +76,7 @@ def prune_channels(model: nn.Module, channels: torch.Tensor) -> nn.Module:
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-           seed: int = 0, quick: bool = False) -> nn.Module:
+           seed: int = 0, quick: bool = False) -> tuple[nn.Module, dict]:
     settings = QUICK if quick else Settings()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_held = int(settings.holdout * len(x))
@@ -103,4 +103,4 @@ def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     for name in ("weight", "bias"):
         if hasattr(conv, name + "_mask"):
             prune.remove(conv, name)
-    return pruned
+    return pruned, {}

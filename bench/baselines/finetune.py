@@ -12,6 +12,6 @@ from .common import FINE_TUNE_BATCH, FINE_TUNE_EPOCHS, fine_tune, trainable_copy
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-           seed: int = 0, quick: bool = False) -> nn.Module:
+           seed: int = 0, quick: bool = False) -> tuple[nn.Module, dict]:
     epochs = 1 if quick else FINE_TUNE_EPOCHS
-    return fine_tune(trainable_copy(model), x, y, epochs=epochs, batch_size=FINE_TUNE_BATCH, seed=seed)
+    return fine_tune(trainable_copy(model), x, y, epochs=epochs, batch_size=FINE_TUNE_BATCH, seed=seed), {}

@@ -103,7 +103,7 @@ def zero_if_none(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0,
-           quick: bool = False) -> nn.Module:
+           quick: bool = False) -> tuple[nn.Module, dict]:
     s = QUICK if quick else FULL
     x, y = x[:s.images], y[:s.images]
     rng = torch.Generator().manual_seed(seed)
@@ -120,4 +120,4 @@ def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
             for p, g in zip(model.parameters(), grads):
                 p.grad = g
             opt.step()
-    return model.eval()
+    return model.eval(), {}

@@ -152,6 +152,13 @@ def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
     return (norms - median).abs() / mad
 
 
+def largest_anomaly_index(norms: torch.Tensor) -> float:
+    """The model's score in Neural Cleanse's detection: the largest anomaly index of a class
+    below the median (0 when none is)."""
+    below = norms < norms.quantile(0.5)
+    return max((i for i, low in zip(anomaly_indices(norms).tolist(), below.tolist()) if low), default=0.0)
+
+
 def flag(norms: torch.Tensor, threshold: float = 2.0) -> list[int]:
     """Classes whose trigger is anomalously SMALL, smallest first. An unusually large mask says
     nothing about a backdoor, so classes above the median are never flagged."""
@@ -171,12 +178,13 @@ def unlearning_set(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, patter
 
 
 def defend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-           seed: int = 0, quick: bool = False) -> nn.Module:
+           seed: int = 0, quick: bool = False) -> tuple[nn.Module, dict]:
     settings = QUICK if quick else Settings()
     masks, patterns = reverse_engineer(model, x, num_classes, settings, seed)
-    flagged = flag(masks.flatten(1).sum(1), settings.anomaly_threshold)
-    if not flagged:
-        return copy.deepcopy(model).eval()
-    xu, yu = unlearning_set(x, y, masks, patterns, flagged, settings.unlearning_ratio, seed)
+    norms = masks.flatten(1).sum(1)
+    findings = {"flagged": flag(norms, settings.anomaly_threshold), "anomaly_index": largest_anomaly_index(norms)}
+    if not findings["flagged"]:
+        return copy.deepcopy(model).eval(), findings
+    xu, yu = unlearning_set(x, y, masks, patterns, findings["flagged"], settings.unlearning_ratio, seed)
     return fine_tune(trainable_copy(model), xu, yu, epochs=settings.fine_tune_epochs,
-                     batch_size=FINE_TUNE_BATCH, seed=seed)
+                     batch_size=FINE_TUNE_BATCH, seed=seed), findings

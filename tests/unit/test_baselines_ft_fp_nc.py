@@ -7,7 +7,8 @@ from torch import nn
 from bench.baselines import fine_pruning, finetune, neural_cleanse
 from bench.baselines.common import fine_tune
 from bench.baselines.fine_pruning import channel_activations, last_conv, prune_channels
-from bench.baselines.neural_cleanse import CostSchedule, Settings, flag, reverse_engineer, unlearning_set
+from bench.baselines.neural_cleanse import (CostSchedule, Settings, flag, largest_anomaly_index, reverse_engineer,
+                                           unlearning_set)
 from worker.sanitize.architectures import build_model
 
 
@@ -22,7 +23,7 @@ def test_quick_defense_returns_a_new_plain_model_and_leaves_the_input_alone(defe
     model = build_model(arch, num_classes=4, in_channels=1).eval()
     x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 4, (64,))
     before = snapshot(model)
-    defended = defense.defend(model, x, y, 4, quick=True)
+    defended, _ = defense.defend(model, x, y, 4, quick=True)
     assert defended is not model and not defended.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # A plain module: its weights load into the architecture as it is (no pruning masks left).
@@ -34,7 +35,7 @@ def test_fine_tuning_changes_the_copy():
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=4, in_channels=1).eval()
     x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 4, (64,))
-    defended = finetune.defend(model, x, y, 4, quick=True)
+    defended, _ = finetune.defend(model, x, y, 4, quick=True)
     assert not torch.equal(defended.conv1.weight, model.conv1.weight)
 
 
@@ -86,6 +87,9 @@ def test_mad_flags_an_obvious_small_outlier_only():
     assert flag(torch.tensor([60.0] + others)) == []
     assert flag(torch.linspace(10.0, 20.0, 10)) == []
     assert flag(torch.full((10,), 5.0)) == []
+    # The model's score counts small classes only: the large outlier scores like an even spread.
+    assert largest_anomaly_index(torch.tensor([2.0] + others)) > 10
+    assert largest_anomaly_index(torch.tensor([60.0] + others)) < 2
 
 
 def test_cost_rises_after_patience_successes_and_falls_after_patience_failures():

@@ -67,7 +67,7 @@ def test_hypergradient_adds_the_implicit_term_to_the_direct_gradient(trained, da
 def test_ibau_leaves_the_input_model_unchanged_and_returns_a_finite_model(trained, data):
     x, y = data
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    defended = ibau.defend(trained, x, y, 10, quick=True)
+    defended, _ = ibau.defend(trained, x, y, 10, quick=True)
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
     assert defended is not trained and not defended.training
     assert all(torch.isfinite(p).all() for p in defended.parameters())
@@ -137,7 +137,7 @@ def test_anp_trains_masks_in_the_unit_interval_and_prunes_a_copy(arch, data):
     assert set(masks) == set(anp.neuron_layers(model))
     assert all(((m >= 0) & (m <= 1)).all() for m in masks.values())
     assert any((m < 1).any() for m in masks.values())  # the masks moved
-    defended = anp.defend(model, x, y, 10, quick=True)
+    defended, _ = anp.defend(model, x, y, 10, quick=True)
     assert defended is not model and not any(m._forward_hooks for m in defended.modules())
 
 
@@ -186,12 +186,12 @@ def test_nothing_flagged_returns_an_unchanged_copy(trained, data, monkeypatch):
     x, y = data
     monkeypatch.setattr(baerase_paper, "recover", lambda *args: [
         dataclasses.replace(patch_trigger(c), asr=0.1) for c in range(10)])
-    defended = baerase_paper.defend(trained, x, y, 10, quick=True)
-    assert defended is not trained and same_weights(defended, trained)
+    defended, findings = baerase_paper.defend(trained, x, y, 10, quick=True)
+    assert defended is not trained and same_weights(defended, trained) and findings == {"flagged": []}
 
 
 def test_baerase_paper_runs_every_step_on_a_real_model(trained, data):
     x, y = data
-    defended = baerase_paper.defend(trained, x, y, 10, quick=True)
+    defended, _ = baerase_paper.defend(trained, x, y, 10, quick=True)
     assert defended is not trained and not defended.training
     assert all(torch.isfinite(p).all() for p in defended.parameters())
