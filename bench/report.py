@@ -115,12 +115,13 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
         for field, name in (("seconds", "mean seconds"), ("cost", "mean cost (clean epochs)")):
             values = [mean_of([r for r in backdoored if r["defense"] == d], field) for d in defenses]
             lines.append(f"| **{name}** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
-        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device | finding |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device | finding | measured |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
                          f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
-                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} | {finding(r)} |")
+                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} | {finding(r)} | "
+                         f"{r['finished'][:10]}, {r['commit']} |")
         lines.append("")
     lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""] + published_section()
     path.parent.mkdir(parents=True, exist_ok=True)

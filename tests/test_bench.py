@@ -148,8 +148,9 @@ def test_table_renders_rows_from_before_the_re_tuning_and_device_fields(tmp_path
     write_table(old + new, path, command="baerase bench --suite digits", setup="digits: ...",
                 order={"arch": ["small_cnn"], "attack": ["badnets", "blended"], "defense": ["none", "baerase"]})
     table = path.read_text()
-    assert "| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded |" in table
-    assert "| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | not recorded |" in table
+    measured = "2026-01-01, abc1234"
+    assert f"| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded | {measured} |" in table
+    assert f"| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | not recorded | {measured} |" in table
     # A mean over some of the models would not compare with the others: not run until all have it.
     assert "| **mean re-tuned ASR** | not run | not run |" in table
     assert "not recorded (2 rows)" in table and "GPU NVIDIA H200 (2 rows)" in table
