@@ -22,11 +22,17 @@ def retuned_asr(row: dict) -> str:
     return percent(row["asr_retuned"]) if "asr_retuned" in row else "not run"
 
 
-def finding(row: dict) -> str:
+def concluding_defenses(rows: list[dict]) -> set[str]:
+    """The defenses that concluded something about a model in some row (bench/baselines)."""
+    return {r["defense"] for r in rows if r.get("findings")}
+
+
+def finding(row: dict, concluding: set[str]) -> str:
     """What the defense concluded about the model (bench/baselines: BAERASE's verdict, the
-    classes a detecting defense flagged); rows measured before findings were kept have none."""
+    classes a detecting defense flagged). ``concluding``: the defenses that concluded something in
+    some row; their rows measured before findings were kept say so."""
     if "findings" not in row:
-        return "-" if row["defense"] == "none" else "not recorded"
+        return "not recorded" if row["defense"] in concluding else "-"
     found, parts = row["findings"], []
     if "verdict" in found:
         parts.append(f"`{found['verdict']}`, p {found['backdoor_probability']:.2f}")
@@ -59,6 +65,7 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
                 order: dict[str, list[str]]) -> None:
     rows = ordered(rows, order)
     defenses = [d for d in order["defense"] if any(r["defense"] == d for r in rows)]
+    concluding = concluding_defenses(rows)
     commits = sorted({r["commit"] for r in rows})
     machines = Counter(r.get("machine", "not recorded") for r in rows)
     machine = (next(iter(machines)) if len(machines) == 1 else "; ".join(
@@ -120,7 +127,7 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
         for r in mine:
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
                          f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
-                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} | {finding(r)} | "
+                         f"{r['seconds']:.0f} | {r['cost']:.0f} | {device(r)} | {finding(r, concluding)} | "
                          f"{r['finished'][:10]}, {r['commit']} |")
         lines.append("")
     lines += ["## Where BAERASE loses or fails", ""] + losses(rows) + [""] + published_section()
@@ -132,7 +139,7 @@ def losses(rows: list[dict]) -> list[str]:
     """Every model on which a baseline beats BAERASE (higher DER on a backdoored model, a smaller
     CA change on the clean one), on which BAERASE left the backdoor working, from which re-tuning
     brought it back, or on which its verdict promised more than the measurement shows."""
-    found = []
+    found, concluding = [], concluding_defenses(rows)
     for ours in (r for r in rows if r["defense"] == "baerase"):
         others = [r for r in rows if r["arch"] == ours["arch"] and r["attack"] == ours["attack"]
                   and r["defense"] not in ("baerase", "none")]
@@ -141,12 +148,12 @@ def losses(rows: list[dict]) -> list[str]:
             detail = [f"{LABELS[r['defense']]} {percent(r['der'])} (CA {percent(r['ca'])}, ASR {percent(r['asr'])})"
                       for r in better]
             ours_text = (f"BAERASE DER {percent(ours['der'])} (CA {percent(ours['ca'])}, ASR {percent(ours['asr'])}; "
-                         f"{finding(ours)})")
+                         f"{finding(ours, concluding)})")
         else:
             drop = ours["before"]["ca"] - ours["ca"]
             better = [r for r in others if r["before"]["ca"] - r["ca"] < drop - 0.005]
             detail = [f"{LABELS[r['defense']]} CA {percent(r['ca'])}" for r in better]
-            ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])} ({finding(ours)})"
+            ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])} ({finding(ours, concluding)})"
         if better:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}; better: {', '.join(detail)}")
         elif ours["asr"] is not None and ours["asr"] > 0.1:

@@ -142,15 +142,21 @@ def table_row(attack, defense, asr, **measured):
 
 def test_table_renders_rows_from_before_the_re_tuning_and_device_fields(tmp_path):
     old = [table_row("badnets", d, 0.9 if d == "none" else 0.02) for d in ("none", "baerase")]
+    verdict = {"verdict": "removed", "backdoor_probability": 1.0, "detected_targets": [3]}
     new = [table_row("blended", d, 0.02, asr_retuned=0.5, ca_retuned=0.88, device="cuda",
-                     machine="x86_64, 16 cores, GPU NVIDIA H200") for d in ("none", "baerase")]
+                     machine="x86_64, 16 cores, GPU NVIDIA H200", findings=verdict if d == "baerase" else {})
+           for d in ("none", "baerase")]
     path = tmp_path / "benchmarks.md"
     write_table(old + new, path, command="baerase bench --suite digits", setup="digits: ...",
                 order={"arch": ["small_cnn"], "attack": ["badnets", "blended"], "defense": ["none", "baerase"]})
     table = path.read_text()
     measured = "2026-01-01, abc1234"
     assert f"| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded | {measured} |" in table
-    assert f"| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | not recorded | {measured} |" in table
+    assert (f"| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | `removed`, p 1.00; targets 3 | "
+            f"{measured} |") in table
+    # The undefended model concludes nothing, and no finding is missing from its row.
+    [undefended] = [line for line in table.splitlines() if line.startswith("| badnets | none |")]
+    assert undefended.endswith(f"| cpu | - | {measured} |")
     # A mean over some of the models would not compare with the others: not run until all have it.
     assert "| **mean re-tuned ASR** | not run | not run |" in table
     assert "not recorded (2 rows)" in table and "GPU NVIDIA H200 (2 rows)" in table
