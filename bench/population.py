@@ -164,8 +164,6 @@ def train_all(cache: Path, limit: int | None = None) -> None:
         train_victim(victim, datasets[victim.dataset], cache)
 
 
-
-
 def sanitize_victim(victim: Victim, data: Split, cache: Path, calibration=None) -> dict:
     """Runs the engine on one victim through the same files as `baerase sanitize`; returns its
     report with the true trigger's CA/ASR before and after, and the cost in clean epochs."""

@@ -528,11 +528,13 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
-        # Not "no backdoor": weak backdoors score where some clean models' natural classes do
+        # Not "no backdoor": weak backdoors, and strong ones in well-trained models (a Trojan and a
+        # SIG model at 0.79 and 0.73), score where some clean models' natural classes do
         # (docs/population.md), so say how far up the clean models' range the model sits.
         where = "" if top is None else (f"; class {top.target} ({top.family} family) is the most suspicious, "
                                         f"above the most suspicious class of {top.probability:.0%} of clean "
-                                        "models, and weak backdoors can score this low")
+                                        "models, and backdoors can score this low (weak ones, and strong "
+                                        "ones in well-trained models)")
         return (f"no class is above the suspicious line (backdoor probability {detection.probability:.2f}, "
                 f"line {config.detection.suspicious_probability}){where}; the model is returned unchanged")
     if verdict == "suspicious":
