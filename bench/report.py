@@ -122,8 +122,8 @@ def write_table(rows: list[dict], path: Path, *, command: str, setup: str,
         for field, name in (("seconds", "mean seconds"), ("cost", "mean cost (clean epochs)")):
             values = [mean_of([r for r in backdoored if r["defense"] == d], field) for d in defenses]
             lines.append(f"| **{name}** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
-        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device | finding | measured |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| attack | defense | CA | ASR | RA | DER | re-tuned ASR | seconds | cost | device | finding "
+                  "| measured |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             lines.append(f"| {r['attack']} | {LABELS[r['defense']]} | {percent(r['ca'])} | {percent(r['asr'])} | "
                          f"{percent(r['ra'])} | {percent(r['der'])} | {retuned_asr(r)} | "
@@ -153,7 +153,8 @@ def losses(rows: list[dict]) -> list[str]:
             drop = ours["before"]["ca"] - ours["ca"]
             better = [r for r in others if r["before"]["ca"] - r["ca"] < drop - 0.005]
             detail = [f"{LABELS[r['defense']]} CA {percent(r['ca'])}" for r in better]
-            ours_text = f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])} ({finding(ours, concluding)})"
+            ours_text = (f"BAERASE CA {percent(ours['before']['ca'])} -> {percent(ours['ca'])} "
+                         f"({finding(ours, concluding)})")
         if better:
             found.append(f"- {ours['arch']} / {ours['attack']}: {ours_text}; better: {', '.join(detail)}")
         elif ours["asr"] is not None and ours["asr"] > 0.1:

@@ -151,7 +151,8 @@ def test_table_renders_rows_from_before_the_re_tuning_and_device_fields(tmp_path
                 order={"arch": ["small_cnn"], "attack": ["badnets", "blended"], "defense": ["none", "baerase"]})
     table = path.read_text()
     measured = "2026-01-01, abc1234"
-    assert f"| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded | {measured} |" in table
+    assert (f"| badnets | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | not run | 1 | 2 | cpu | not recorded | "
+            f"{measured} |") in table
     assert (f"| blended | BAERASE | 90.0 | 2.0 | 5.0 | 96.5 | 50.0 | 1 | 2 | cuda | `removed`, p 1.00; targets 3 | "
             f"{measured} |") in table
     # The undefended model concludes nothing, and no finding is missing from its row.

@@ -5,8 +5,9 @@
 where (x, y) is the defender's clean set and ``quick`` runs every step of the method on tiny
 settings (the test suite's path). ``findings`` is what the defense concluded about the model, kept
 in the bench's row: BAERASE's verdict, Neural Cleanse's flagged classes; {} for a defense that
-concludes nothing (it changes every model it is given). The defense never sees the attack. The model and the images
-come on one device (the bench's --device); the defense runs there and returns its model there."""
+concludes nothing (it changes every model it is given). The defense never sees the attack. The
+model and the images come on one device (the bench's --device); the defense runs there and
+returns its model there."""
 
 import importlib
 from collections.abc import Callable
