@@ -187,7 +187,9 @@ def write_plot(rows: list[dict], path: Path, order: dict[str, list[str]]) -> Non
     colors = {d: plt.cm.tab10(i) for i, d in enumerate(d for d in defenses if d != "baerase")}
     colors["baerase"] = "black"  # ours stands out
     markers = dict(zip(attacks, "os^vDP*Xh"))
-    fig, axes = plt.subplots(1, max(1, len(archs)), figsize=(6 * max(1, len(archs)), 5), squeeze=False)
+    # The constrained layout keeps a column for the legend, so no point lies under it.
+    fig, axes = plt.subplots(1, max(1, len(archs)), figsize=(6 * max(1, len(archs)) + 1.5, 5), squeeze=False,
+                             layout="constrained")
     for ax, arch in zip(axes[0], archs):
         for r in (r for r in rows if r["arch"] == arch):
             ax.scatter(100 * r["asr"], 100 * r["ca"], color=colors[r["defense"]], marker=markers[r["attack"]],
@@ -197,8 +199,7 @@ def write_plot(rows: list[dict], path: Path, order: dict[str, list[str]]) -> Non
     handles = [plt.Line2D([], [], linestyle="", marker="o", color=colors[d], label=LABELS[d]) for d in defenses]
     handles += [plt.Line2D([], [], linestyle="", marker=markers[a], markerfacecolor="none",
                            markeredgecolor="black", label=a) for a in attacks]
-    fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
