@@ -129,7 +129,7 @@ def load_dataset(name: str, cache: Path) -> Split:
 def train_victim(victim: Victim, data: Split, cache: Path):
     """(TorchScript path, attack, metrics): the victim, trained once and cached with its CA and
     ASR. A TrojanNN trigger is computed from a clean model and cached beside the victim."""
-    path = cache / "population" / "models" / f"{victim.key}.pt"
+    path = model_path(victim, cache)
     meta_path, trigger_path = path.with_suffix(".json"), path.with_suffix(".trigger.pt")
     attack = victim.build_attack()
     if path.exists() and meta_path.exists():
@@ -217,9 +217,19 @@ def detection_scores(victim: Victim, datasets: dict[str, Split], cache: Path) ->
     return json.loads(path.read_text())
 
 
+def model_path(victim: Victim, cache: Path) -> Path:
+    return cache / "population" / "models" / f"{victim.key}.pt"
+
+
+def trained_kind(victim: Victim, cache: Path) -> str:
+    """The trained victim's model kind (retuning.KINDS): which clean models' fits judge it."""
+    from worker.sanitize.retuning import model_kind
+
+    return model_kind(torch.jit.load(str(model_path(victim, cache))))
+
+
 def trained(limit: int | None, calibration: bool, cache: Path) -> list[Victim]:
-    return [v for v in POPULATION[:limit] if v.calibration == calibration
-            and (cache / "population" / "models" / f"{v.key}.pt").exists()]
+    return [v for v in POPULATION[:limit] if v.calibration == calibration and model_path(v, cache).exists()]
 
 
 UNLEARNT_CLASSES = 3  # a calibration model's most suspicious classes, unlearnt to measure their re-tuning
@@ -233,8 +243,8 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
     The engine is run with a calibration that flags exactly those classes: a line just under the
     last one's score, which the same seed's detection reproduces."""
     from worker.sanitize.config import DetectionConfig
-    from worker.sanitize.detection import Calibration, never_dormant
-    from worker.sanitize.retuning import model_kind
+    from worker.sanitize.detection import Calibration, NormalFit, never_dormant
+    from worker.sanitize.retuning import KINDS
 
     path = cache / "population" / "retuning" / f"{victim.key}.json"
     if not path.exists():
@@ -243,7 +253,8 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         tops = {s["class"]: s["score"] for s in reversed(scores)}  # class scores come most suspicious first
         classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
         line = min(tops[c] for c in classes) - 1e-3
-        flag_these = Calibration(line, 1e-6, 0, "flags the most suspicious classes", never_dormant())
+        flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: NormalFit(line, 1e-6, 0) for kind in KINDS}, 0,
+                                 "flags the most suspicious classes", never_dormant())
         print(f"unlearning classes {classes} of {victim.key}...", flush=True)
         if victim.dataset not in datasets:
             datasets[victim.dataset] = load_dataset(victim.dataset, cache)
@@ -253,8 +264,7 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
     rows = json.loads(path.read_text())["retuning"]
     if not rows:  # unlearning kept no epoch, so nothing was re-tuned: the fit goes without this model
         print(f"  {victim.key}: unlearning kept no epoch; no re-tuning statistics", flush=True)
-        model = torch.jit.load(str(cache / "population" / "models" / f"{victim.key}.pt"))
-        return model_kind(model), []
+        return trained_kind(victim, cache), []
     return rows[0]["kind"], [r["statistic"] for r in rows]
 
 
@@ -266,18 +276,20 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
     from worker.sanitize.retuning import KINDS
 
     victims, datasets = trained(limit, True, cache), {}
-    scores = [s["score"] for v in victims for s in detection_scores(v, datasets, cache)["class_scores"]]
-    retuning = {kind: [] for kind in KINDS}
+    ratios, retuning = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
     for victim in victims:
         kind, statistics = retuning_statistics(victim, datasets, cache)
+        ratios[kind] += [(s["log_ratio"], s["reference_ratio"])
+                         for s in detection_scores(victim, datasets, cache)["class_scores"]]
         retuning[kind] += statistics
-    calibration = Calibration.fit(scores, retuning, len(victims), "bench/population.py calibration models: "
+    calibration = Calibration.fit(ratios, retuning, len(victims), "bench/population.py calibration models: "
                                   + ", ".join(v.key for v in victims))
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
-    print(f"calibration from {len(victims)} clean models: scores mean {calibration.mean:.3f}, std "
-          f"{calibration.std:.3f}; re-tuning of their unlearnt classes, " + "; ".join(
-              f"{kind} {fit.count} classes, mean {fit.mean:.3f}, std {fit.std:.3f}"
-              for kind, fit in calibration.retuning.items()))
+    print(f"calibration from {len(victims)} clean models, by kind: " + "; ".join(
+        f"{kind}: log ratio scale {calibration.log_ratio_scale[kind]:.3f}, {calibration.scores[kind].count} class "
+        f"scores, mean {calibration.scores[kind].mean:.3f}, std "
+        f"{calibration.scores[kind].std:.3f}, re-tuning of {fit.count} unlearnt classes, mean {fit.mean:.3f}, "
+        f"std {fit.std:.3f}" for kind, fit in calibration.retuning.items()))
     return CALIBRATION_FILE
 
 
@@ -324,7 +336,7 @@ def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: boo
         result = detection_scores(victim, datasets, cache)
         scores = result["class_scores"]
         top = max(scores, key=lambda s: s["score"])
-        probability = calibration.probability(top["score"], len(scores))
+        probability = calibration.probability(top["score"], len(scores), trained_kind(victim, cache))
         targets = victim.options.get("targets") or ((victim.options["target"],) if victim.attack else ())
         mark = "" if not targets else (" (target)" if top["class"] in targets else " (not a target)")
         line = (f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "

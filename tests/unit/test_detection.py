@@ -16,7 +16,9 @@ from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily
 from worker.sanitize.retuning import KINDS, model_kind
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
-CALIBRATION = Calibration(mean=0.0, std=1.0, models=10, source="test",
+CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS},
+                          scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300)},
+                          models=10, source="test",
                           retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30)})
 
 
@@ -26,7 +28,7 @@ def found(sizes, family=MASK, asr=0.95):
 
 
 def flagged(*per_family, cfg=DetectionConfig()):
-    return sorted((s.target, s.family) for s in score_classes(list(per_family), CALIBRATION, cfg) if s.flagged)
+    return sorted((s.target, s.family) for s in score_classes(list(per_family), CALIBRATION, cfg, "plain") if s.flagged)
 
 
 def test_log_ratio_is_to_the_median_and_one_sided():
@@ -60,9 +62,9 @@ def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
     # poisoned data needs only twice as much of it: a feature of the data, scored log 2.
     triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
     triggers[3].reference_size = 0.3  # an implant: the reference needs a hundred times more
-    implant = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    implant = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     triggers[3].reference_size = 0.006
-    natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert implant[3].score == pytest.approx(math.log(100)) and implant[3].flagged
     assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
     assert natural[3].log_ratio == implant[3].log_ratio
@@ -71,7 +73,7 @@ def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
 def test_an_ordinary_class_keeps_its_log_ratio_whatever_the_reference_says():
     triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
     triggers[4].reference_size = 0.001  # below the median: never a candidate
-    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig())}
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert scores[4].score == scores[4].log_ratio < 0 and scores[4].reference_ratio is not None
 
 
@@ -83,21 +85,33 @@ def test_blend_factors_are_compared_among_themselves():
     assert flagged(found(masks), found(blends, BLEND)) == [(3, "blend")]
 
 
-def test_calibration_fits_the_upper_half_and_turns_log_ratios_into_a_probability():
-    ratios = [-1.0, -0.5, 0.0, 0.0, 0.5, 3.0]
-    calibration = Calibration.fit(ratios, {"batchnorm": [x + 1 for x in ratios], "plain": ratios[:2]}, models=1,
-                                  source="test")
-    assert calibration.mean == 0.0 and math.isclose(calibration.std, math.sqrt((0.25 + 9) / 2))
-    assert calibration.retuning["batchnorm"] == NormalFit(1.0, calibration.std, len(ratios))
+def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_probability():
+    # (log ratio, reference ratio): the candidates' reference ratios spread twice as much.
+    ratios = [(-1.0, None), (-0.5, None), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (2.0, 0.5)]
+    calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4]}, {"batchnorm": [-1, 0, 1, 3],
+                                  "plain": [-1.0, -0.5]}, models=1, source="test")
+    assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
+    # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
+    assert calibration.scores["batchnorm"] == NormalFit(0.75, pytest.approx(math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)), 6)
+    assert calibration.retuning["batchnorm"] == NormalFit(0.5, pytest.approx(math.sqrt((0.25 + 6.25) / 2)), 4)
     assert calibration.retuning["plain"] == NormalFit(-0.75, 0.25, 2)
-    # More tests per model make the same log ratio less surprising.
-    assert CALIBRATION.probability(3.0, 1) > CALIBRATION.probability(3.0, 30)
-    assert CALIBRATION.probability(-5.0, 30) < 1e-6 and CALIBRATION.probability(8.0, 30) > 0.999
-    assert math.isclose(CALIBRATION.probability(CALIBRATION.score_for(0.99, 30), 30), 0.99, rel_tol=1e-6)
+    # More tests per model make the same score less surprising.
+    assert CALIBRATION.probability(3.0, 1, "plain") > CALIBRATION.probability(3.0, 30, "plain")
+    assert CALIBRATION.probability(-5.0, 30, "plain") < 1e-6 and CALIBRATION.probability(8.0, 30, "plain") > 0.999
+    for kind in KINDS:
+        line = CALIBRATION.score_for(0.99, 30, kind)
+        assert math.isclose(CALIBRATION.probability(line, 30, kind), 0.99, rel_tol=1e-6)
+
+
+def test_a_score_is_judged_by_clean_models_of_the_same_kind():
+    # BatchNorm models' ordinary classes score higher: what flags a plain CNN is ordinary there.
+    sizes = [0.3, 0.35, 0.28, 0.003, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]  # class 3: log ratio 4.6
+    plain, batchnorm = (score_classes([found(sizes)], CALIBRATION, DetectionConfig(), kind)[0] for kind in KINDS[::-1])
+    assert plain.score == batchnorm.score and plain.flagged and not batchnorm.flagged
 
 
 def test_scores_only_calibration_never_flags():
-    scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig())
+    scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig(), "plain")
     assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
     assert all(Calibration.scores_only().retuning_probability(100.0, 1, kind) == 0.0 for kind in KINDS)
 
@@ -117,20 +131,21 @@ def test_a_model_with_running_statistics_is_its_own_kind():
 
 def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
     cfg = DetectionConfig(suspicious_probability=0.8, flag_probability=0.99)
-    line = reference_line(CALIBRATION, cfg, tests=30)
+    line = reference_line(CALIBRATION, cfg, tests=30, kind="plain")
     # A class scored by its log ratio alone just under the line is neither suspicious nor flagged.
-    assert math.isclose(CALIBRATION.probability(line, 30), 0.8, rel_tol=1e-6)
+    assert math.isclose(CALIBRATION.probability(line, 30, "plain"), 0.8, rel_tol=1e-6)
     # A flagging line under the suspicious one is the line.
     lower_flag = DetectionConfig(suspicious_probability=0.95, flag_probability=0.9)
-    assert math.isclose(CALIBRATION.probability(reference_line(CALIBRATION, lower_flag, 30), 30), 0.9, rel_tol=1e-6)
+    lower = reference_line(CALIBRATION, lower_flag, 30, "plain")
+    assert math.isclose(CALIBRATION.probability(lower, 30, "plain"), 0.9, rel_tol=1e-6)
     # Collecting the calibration's own scores measures every candidate.
-    assert reference_line(Calibration.scores_only(), cfg, tests=30) == 0.0
+    assert reference_line(Calibration.scores_only(), cfg, tests=30, kind="plain") == 0.0
 
 
 def test_the_shipped_calibration_comes_from_clean_models():
     shipped = Calibration.load()
-    assert shipped.models >= 2 and shipped.std > 0
-    assert all(shipped.retuning[kind].count >= 3 and shipped.retuning[kind].std > 0 for kind in KINDS)
+    assert shipped.models >= 2
+    assert all(fits[kind].count >= 3 and fits[kind].std > 0 for fits in (shipped.scores, shipped.retuning) for kind in KINDS)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -168,9 +183,9 @@ def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
 
 def test_a_class_probability_counts_only_that_class_tests():
     sizes = [0.3, 0.35, 0.28, 0.05, 0.4, 0.33]
-    scores = score_classes([found(sizes), found(sizes, BLEND)], CALIBRATION, DetectionConfig())
+    scores = score_classes([found(sizes), found(sizes, BLEND)], CALIBRATION, DetectionConfig(), "plain")
     for s in scores:
-        assert s.class_probability == pytest.approx(CALIBRATION.probability(s.score, 2))
+        assert s.class_probability == pytest.approx(CALIBRATION.probability(s.score, 2, "plain"))
         assert s.class_probability >= s.probability
 
 

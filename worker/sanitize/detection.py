@@ -1,8 +1,9 @@
 """Which classes are backdoor targets: a calibrated score per class and trigger family, not
 hand-set floors. A class's score is the smaller of its log ratio (how much smaller its trigger is
-than the median class's) and its reference ratio (how much more of the same trigger a reference
-model trained on the clean samples alone needs); ``calibration.json``, fitted on clean
-calibration models only, turns the highest score into ``backdoor_probability``.
+than the median class's), scaled to the reference ratio's spread, and its reference ratio (how
+much more of the same trigger a reference model trained on the clean samples alone needs);
+``calibration.json``, fitted per model kind on clean calibration models only, sets the scale and
+turns the highest score into ``backdoor_probability``.
 docs/method.md, section 3, explains each part and the measurements behind it.
 """
 
@@ -38,48 +39,59 @@ class NormalFit:
 
 @dataclass(frozen=True)
 class Calibration:
-    mean: float  # of the class scores (a normal fit, ``fit``)
-    std: float
+    # Fitted apart for each model kind (retuning.KINDS): BatchNorm ResNets' ordinary classes score
+    # higher than plain CNNs', and one fit of both put the plain CNNs' flagging line above where
+    # their well-trained backdoors score (docs/method.md, section 3).
+    # How much more a clean candidate's reference ratio varies than its log ratio: the log ratio
+    # is counted in reference-ratio units (``class_score``).
+    log_ratio_scale: dict[str, float]
+    scores: dict[str, NormalFit]  # the class scores of clean calibration models
     models: int  # clean calibration models it was fitted on
     source: str
-    # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets,
-    # fitted apart for each model kind (retuning.KINDS).
+    # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
     retuning: dict[str, NormalFit]
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
         fields = json.loads(path.read_text())
-        return cls(**{**fields, "retuning": {kind: NormalFit(**fit) for kind, fit in fields["retuning"].items()}})
+        fits = {name: {kind: NormalFit(**fit) for kind, fit in fields[name].items()} for name in ("scores", "retuning")}
+        return cls(**{**fields, **fits})
 
     @classmethod
-    def fit(cls, scores: list[float], retuning: dict[str, list[float]], models: int, source: str) -> "Calibration":
-        return cls(*upper_normal(scores), models, source, {kind: NormalFit.of(retuning[kind]) for kind in KINDS})
+    def fit(cls, ratios: dict[str, list[tuple[float, float | None]]], retuning: dict[str, list[float]],
+            models: int, source: str) -> "Calibration":
+        """ratios[kind]: (log ratio, reference ratio) of every class and family of the kind's clean
+        calibration models; retuning[kind]: their re-tuning statistics."""
+        scales = {kind: log_ratio_scale(ratios[kind]) for kind in KINDS}
+        scores = {kind: NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]]) for kind in KINDS}
+        return cls(scales, scores, models, source, {kind: NormalFit.of(retuning[kind]) for kind in KINDS})
 
     @classmethod
     def scores_only(cls) -> "Calibration":
         """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
         dormant: for collecting the calibration models' own scores."""
-        return cls(math.inf, 1.0, 0, "scores only", never_dormant())
+        return cls({kind: 1.0 for kind in KINDS}, never_dormant(), 0, "scores only", never_dormant())
 
     @property
     def collects_scores(self) -> bool:
-        return math.isinf(self.mean)
+        return all(math.isinf(fit.mean) for fit in self.scores.values())
 
-    def probability(self, score: float, tests: int) -> float:
-        """Chance that a clean model with ``tests`` scores shows none as high as this one."""
-        return normal_cdf(score, self.mean, self.std) ** tests
+    def probability(self, score: float, tests: int, kind: str) -> float:
+        """Chance that a clean model of this kind with ``tests`` scores shows none as high as this one."""
+        return self.scores[kind].below(score) ** tests
 
     def retuning_probability(self, statistic: float, tests: int, kind: str) -> float:
         """Chance that ``tests`` unlearnt classes of clean models of this kind all re-tune less than this."""
         return self.retuning[kind].below(statistic) ** tests
 
-    def score_for(self, probability: float, tests: int) -> float:
+    def score_for(self, probability: float, tests: int, kind: str) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
-        return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
+        fit = self.scores[kind]
+        return fit.mean + fit.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
 
 
 def never_dormant() -> dict[str, NormalFit]:
-    """A re-tuning line that no statistic reaches, for every kind."""
+    """A line that no score or statistic reaches, for every kind."""
     return {kind: NormalFit(math.inf, 1.0, 0) for kind in KINDS}
 
 
@@ -104,7 +116,7 @@ class ClassScore:
     log_ratio: float  # log(median class's size / this size), in its family
     transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
     reference_ratio: float | None  # log(its budget on the reference / its budget here); None: not a candidate
-    score: float  # min(log_ratio, reference_ratio): what the calibration judges
+    score: float  # class_score: what the calibration judges
     asr: float  # held-out
     shifted_asr: float | None  # None: not a candidate
     probability: float  # against every class and family of a clean model: how a model is judged
@@ -129,35 +141,46 @@ def reference_ratio(trigger: FoundTrigger) -> float | None:
     return math.log(max(trigger.reference_size, 1e-6) / max(trigger.size, 1e-6))
 
 
-def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int) -> float:
+def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int, kind: str) -> float:
     """The log ratio above which a class's reference ratio is measured. A class's score is at
-    most its log ratio, so below the suspicious line (or the flagging line, if lower) the
-    reference cannot change a verdict, and the log ratio stands as its score. Collecting the
+    most its scaled log ratio, so below the suspicious line (or the flagging line, if lower) the
+    reference cannot change a verdict, and the scaled log ratio stands as its score. Collecting the
     calibration's own scores measures every candidate (log ratio > 0): the fit needs true scores."""
     if calibration.collects_scores:
         return 0.0
     probability = min(cfg.suspicious_probability, cfg.flag_probability)
-    return max(0.0, calibration.score_for(probability, tests))
+    return max(0.0, calibration.score_for(probability, tests, kind) / calibration.log_ratio_scale[kind])
 
 
-def class_score(log_ratio: float, ratio: float | None) -> float:
-    return log_ratio if ratio is None or log_ratio <= 0 else min(log_ratio, ratio)
+def class_score(log_ratio: float, ratio: float | None, scale: float) -> float:
+    """The smaller of the log ratio, counted ``scale`` times, and the reference ratio: a target is
+    small among the model's classes *and* small only for this model."""
+    scaled = scale * log_ratio
+    return scaled if ratio is None or log_ratio <= 0 else min(scaled, ratio)
 
 
-def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration,
-                  cfg: DetectionConfig) -> list[ClassScore]:
+def log_ratio_scale(ratios: list[tuple[float, float | None]]) -> float:
+    """How much more clean models' candidates (log ratio > 0, reference measured) spread in
+    reference ratio than in log ratio (``upper_normal`` spreads)."""
+    candidates = [(lr, rr) for lr, rr in ratios if lr > 0 and rr is not None]
+    return upper_normal([rr for _, rr in candidates])[1] / upper_normal([lr for lr, _ in candidates])[1]
+
+
+def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration, cfg: DetectionConfig,
+                  kind: str) -> list[ClassScore]:
     """per_family[f][c]: class c's trigger in family f, with its held-out and transfer ASRs
-    filled in. Returns every (class, family) score, the most suspicious first."""
+    filled in, on a model of ``kind``. Returns every (class, family) score, the most suspicious first."""
     tests = sum(len(found) for found in per_family)
     scores = []
     for found in per_family:
         for trigger, log_ratio in zip(found, log_ratios(found)):
             ratio = reference_ratio(trigger)
-            score = class_score(log_ratio, ratio)
-            probability = calibration.probability(score, tests)
+            score = class_score(log_ratio, ratio, calibration.log_ratio_scale[kind])
+            probability = calibration.probability(score, tests, kind)
             scores.append(ClassScore(
                 trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, ratio, score,
-                trigger.asr, trigger.shifted_asr, probability, calibration.probability(score, len(per_family)),
+                trigger.asr, trigger.shifted_asr, probability,
+                calibration.probability(score, len(per_family), kind),
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
             ))
     return sorted(scores, key=lambda s: -s.score)

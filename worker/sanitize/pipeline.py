@@ -35,7 +35,7 @@ from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, mak
 from .reference import LazyReference
 from .report import (AccuracyChange, BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore,
                      RetuningRow, SampleCounts, TriggerFile, UnlearningSummary, Verification)
-from .retuning import Retuning, retune
+from .retuning import Retuning, model_kind, retune
 from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, correct_predictions, share, unlearn
 
 # Share of the progress bar each stage takes.
@@ -194,13 +194,14 @@ def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
     return kept
 
 
-def detect(model, reference: LazyReference, shape, x_train, y_train, x_hold, y_hold, num_classes: int,
+def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, x_hold, y_hold, num_classes: int,
            config: SanitizeConfig, calibration: Calibration, seed: int,
            on_progress: Callable[[float, str], None]) -> Detection:
     """Searches every class's smallest trigger in every family, measures them on the held-out
-    split and the candidates on the reference model, and scores them against the calibration."""
+    split and the candidates on the reference model, and scores them against the calibration
+    of the model's kind (retuning.KINDS)."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
-    line = reference_line(calibration, config.detection, num_classes * len(families))
+    line = reference_line(calibration, config.detection, num_classes * len(families), kind)
     measured, measured_reference = for_inference(model, x_hold[:8]), None
     per_family = []
     for i, family in enumerate(families):
@@ -222,7 +223,7 @@ def detect(model, reference: LazyReference, shape, x_train, y_train, x_hold, y_h
                 trigger.transfer_asr = held_out_asr(measured_reference, trigger, x_hold, y_hold)
                 trigger.shifted_asr = held_out_asr(measured, trigger, x_hold, y_hold, shift=1)
         per_family.append(found)
-    scores = score_classes(per_family, calibration, config.detection)
+    scores = score_classes(per_family, calibration, config.detection, kind)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
     return Detection(found, scores, backdoor_probability(scores))
 
@@ -386,12 +387,13 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     timings["validate"] = time.perf_counter() - stages.started
 
     # 2. Recover the smallest trigger of every class and family, and score them. A class whose
-    # log ratio alone reaches the suspicious line is measured again on the reference model, trained
-    # on the clean samples alone the first time one does (reference.py): what the data makes easy,
-    # it makes easy too.
+    # scaled log ratio alone reaches the suspicious line is measured again on the reference model,
+    # trained on the clean samples alone the first time one does (reference.py): what the data
+    # makes easy, it makes easy too.
     t0 = time.perf_counter()
     reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
-    detection = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+    kind = model_kind(model)
+    detection = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                        config.seed, lambda f, m: stages.report("recovery", f, m))
     to_unlearn = detection.to_unlearn(config.detection) if detection.flagged else []
     triggers = generators_for(model, detection, to_unlearn, x_train, y_train, x_hold, y_hold, config, config.seed)
@@ -414,7 +416,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         unlearning_runs.append(result)
         t_unlearn += time.perf_counter() - t0
         t0 = time.perf_counter()
-        verification = detect(model, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
+        verification = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
                               config.seed + 1000 * (round_number + 1),
                               lambda f, m: stages.report("verification", f, m))
         t_verify += time.perf_counter() - t0
@@ -459,10 +461,10 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     stages.report("report", 0.0, "drawing the trigger pictures")
     pictures, trigger_files = {}, []
     for trigger in triggers:
-        for kind, png in trigger_pictures(trigger, x_hold[:16], config.seed).items():
-            file = f"triggers/class{trigger.target}_{trigger.family.name}_{kind}.png"
+        for picture, png in trigger_pictures(trigger, x_hold[:16], config.seed).items():
+            file = f"triggers/class{trigger.target}_{trigger.family.name}_{picture}.png"
             pictures[file] = png
-            trigger_files.append(TriggerFile(class_=trigger.target, family=trigger.family.name, kind=kind,
+            trigger_files.append(TriggerFile(class_=trigger.target, family=trigger.family.name, kind=picture,
                                              file=file))
     timings["total"] = time.perf_counter() - stages.started
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
@@ -475,7 +477,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         detected_targets=detected,
         residual_targets=residual,
         class_scores=score_rows(detection),
-        flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores)), 3),
+        flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores), kind), 3),
         clean_accuracy=accuracy_change(right_before, right_after),
         recovered_asr={str(target): BeforeAfter(before=first.before.recovered_asr[target],
                                                 after=last.after.recovered_asr[target])
@@ -491,7 +493,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         unlearning=None if not unlearning_runs else UnlearningSummary(
             rounds=len(unlearning_runs), epochs=sum(r.epochs_run for r in unlearning_runs),
             steps=sum(r.steps for r in unlearning_runs), rollbacks=sum(r.rollbacks for r in unlearning_runs)),
-        calibration=CalibrationSource(models=calibration.models, source=calibration.source),
+        calibration=CalibrationSource(models=calibration.models, source=calibration.source, kind=kind),
         model_format=model_format,
         model_changed=changed,
         triggers=trigger_files,

@@ -90,6 +90,7 @@ class UnlearningSummary(ReportPart):
 class CalibrationSource(ReportPart):
     models: int
     source: str
+    kind: str | None = None  # the model kind whose clean models judged the scores; None in older reports
 
 
 class SampleCounts(ReportPart):
