@@ -172,12 +172,12 @@ def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
         return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5)
 
-    scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.95), score(4, "warp", 0.0, 0.4),
-              score(7, "blend", 0.5, 0.9), score(4, "patch", 0.6, 0.95, asr=0.2)]
+    scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.995), score(4, "warp", 0.1, 0.95),
+              score(7, "blend", 0.5, 0.995), score(4, "patch", 0.6, 0.995, asr=0.2)]
     detection = Detection({}, scores, 0.999)
     # A SIG-like backdoor: the blend family sees the signal the mask family's patch only samples.
-    # Not the ordinary warp, not another class that is unusual only among one class's tests,
-    # not a family whose trigger misses held-out images.
+    # Not the warp, above the suspicious line only, not another class that is unusual only among
+    # one class's tests, not a family whose trigger misses held-out images.
     assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(4, "mask"), (4, "blend")]
 
 

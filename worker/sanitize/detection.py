@@ -142,10 +142,12 @@ def reference_ratio(trigger: FoundTrigger) -> float | None:
 
 
 def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int, kind: str) -> float:
-    """The log ratio above which a class's reference ratio is measured. A class's score is at
-    most its scaled log ratio, so below the suspicious line (or the flagging line, if lower) the
-    reference cannot change a verdict, and the scaled log ratio stands as its score. Collecting the
-    calibration's own scores measures every candidate (log ratio > 0): the fit needs true scores."""
+    """The log ratio above which a class's reference ratio is measured, for scores judged as
+    ``tests`` tests: the pipeline passes the number of families, the lowest line any decision uses
+    (a flagged class's other families, ``class_probability``). A class's score is at most its scaled
+    log ratio, so below the suspicious line (or the flagging line, if lower) the reference cannot
+    change a verdict, and the scaled log ratio stands as its score. Collecting the calibration's
+    own scores measures every candidate (log ratio > 0): the fit needs true scores."""
     if calibration.collects_scores:
         return 0.0
     probability = min(cfg.suspicious_probability, cfg.flag_probability)

@@ -173,15 +173,17 @@ class Detection:
         backdoor, which score under the first (a three-target model: 0.999, then 0.978 twice).
 
         Each such class brings, besides its top family, every other family whose trigger works
-        and is above the same line judged as one class's tests: the same backdoor seen through
-        another family. A SIG model flagged by a patch of its sine signal kept 28% of its true
-        trigger when only the patch was unlearnt; its blend trigger was the signal itself."""
+        and is flagged judged as one class's tests: the same backdoor seen through another family.
+        A SIG model flagged by a patch of its sine signal kept 28% of its true trigger when only
+        the patch was unlearnt; its blend trigger was the signal itself. The flagging line, not the
+        suspicious one: about one ordinary family in ten is above the suspicious line for three
+        tests, and each trigger unlearnt costs accuracy."""
         line = min(cfg.suspicious_probability, cfg.flag_probability)
         top = one_per_class([score for score in self.scores if score.flagged or (
             score.probability >= line and score.asr >= cfg.min_held_out_asr)])
         targets = {score.target for score in top}
         return top + [score for score in self.scores if score.target in targets and score not in top
-                      and score.class_probability >= line and score.asr >= cfg.min_held_out_asr]
+                      and score.class_probability >= cfg.flag_probability and score.asr >= cfg.min_held_out_asr]
 
 
 def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
@@ -201,7 +203,7 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
     split and the candidates on the reference model, and scores them against the calibration
     of the model's kind (retuning.KINDS)."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
-    line = reference_line(calibration, config.detection, num_classes * len(families), kind)
+    line = reference_line(calibration, config.detection, len(families), kind)
     measured, measured_reference = for_inference(model, x_hold[:8]), None
     per_family = []
     for i, family in enumerate(families):
@@ -420,7 +422,9 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
                               config.seed + 1000 * (round_number + 1),
                               lambda f, m: stages.report("verification", f, m))
         t_verify += time.perf_counter() - t0
-        if verification.probability < config.detection.suspicious_probability or (
+        # A further round only for a flagged class, as the first: one clean model in five has a
+        # class above the suspicious line by chance, and unlearning a natural class costs accuracy.
+        if verification.probability < config.detection.flag_probability or (
                 round_number + 1 == config.unlearning.rounds):
             break
         all_triggers += generators_for(model, verification, verification.to_unlearn(config.detection), x_train,
