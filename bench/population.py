@@ -253,8 +253,8 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         tops = {s["class"]: s["score"] for s in reversed(scores)}  # class scores come most suspicious first
         classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
         line = min(tops[c] for c in classes) - 1e-3
-        flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: NormalFit(line, 1e-6, 0) for kind in KINDS}, 0,
-                                 "flags the most suspicious classes", never_dormant())
+        flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: NormalFit(line, 1e-6, 0) for kind in KINDS},
+                                 0, "flags the most suspicious classes", never_dormant())
         print(f"unlearning classes {classes} of {victim.key}...", flush=True)
         if victim.dataset not in datasets:
             datasets[victim.dataset] = load_dataset(victim.dataset, cache)

@@ -28,7 +28,8 @@ def found(sizes, family=MASK, asr=0.95):
 
 
 def flagged(*per_family, cfg=DetectionConfig()):
-    return sorted((s.target, s.family) for s in score_classes(list(per_family), CALIBRATION, cfg, "plain") if s.flagged)
+    scores = score_classes(list(per_family), CALIBRATION, cfg, "plain")
+    return sorted((s.target, s.family) for s in scores if s.flagged)
 
 
 def test_log_ratio_is_to_the_median_and_one_sided():
@@ -92,7 +93,8 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
                                   "plain": [-1.0, -0.5]}, models=1, source="test")
     assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
     # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
-    assert calibration.scores["batchnorm"] == NormalFit(0.75, pytest.approx(math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)), 6)
+    spread = math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)
+    assert calibration.scores["batchnorm"] == NormalFit(0.75, pytest.approx(spread), 6)
     assert calibration.retuning["batchnorm"] == NormalFit(0.5, pytest.approx(math.sqrt((0.25 + 6.25) / 2)), 4)
     assert calibration.retuning["plain"] == NormalFit(-0.75, 0.25, 2)
     # More tests per model make the same score less surprising.
@@ -106,12 +108,14 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
 def test_a_score_is_judged_by_clean_models_of_the_same_kind():
     # BatchNorm models' ordinary classes score higher: what flags a plain CNN is ordinary there.
     sizes = [0.3, 0.35, 0.28, 0.003, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]  # class 3: log ratio 4.6
-    plain, batchnorm = (score_classes([found(sizes)], CALIBRATION, DetectionConfig(), kind)[0] for kind in KINDS[::-1])
+    plain, batchnorm = (score_classes([found(sizes)], CALIBRATION, DetectionConfig(), kind)[0]
+                        for kind in ("plain", "batchnorm"))
     assert plain.score == batchnorm.score and plain.flagged and not batchnorm.flagged
 
 
 def test_scores_only_calibration_never_flags():
-    scores = score_classes([found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])], Calibration.scores_only(), DetectionConfig(), "plain")
+    triggers = found([0.3, 0.35, 0.28, 1e-5, 0.4, 0.33])
+    scores = score_classes([triggers], Calibration.scores_only(), DetectionConfig(), "plain")
     assert not any(s.flagged for s in scores) and backdoor_probability(scores) == 0.0
     assert all(Calibration.scores_only().retuning_probability(100.0, 1, kind) == 0.0 for kind in KINDS)
 
@@ -145,7 +149,8 @@ def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
 def test_the_shipped_calibration_comes_from_clean_models():
     shipped = Calibration.load()
     assert shipped.models >= 2
-    assert all(fits[kind].count >= 3 and fits[kind].std > 0 for fits in (shipped.scores, shipped.retuning) for kind in KINDS)
+    fits = [shipped.scores[kind] for kind in KINDS] + [shipped.retuning[kind] for kind in KINDS]
+    assert all(fit.count >= 3 and fit.std > 0 for fit in fits)
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -395,8 +395,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     t0 = time.perf_counter()
     reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
     kind = model_kind(model)
-    detection = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
-                       config.seed, lambda f, m: stages.report("recovery", f, m))
+    detection = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config,
+                       calibration, config.seed, lambda f, m: stages.report("recovery", f, m))
     to_unlearn = detection.to_unlearn(config.detection) if detection.flagged else []
     triggers = generators_for(model, detection, to_unlearn, x_train, y_train, x_hold, y_hold, config, config.seed)
     # The reference's training, wherever it happened, is its own entry.
@@ -418,8 +418,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         unlearning_runs.append(result)
         t_unlearn += time.perf_counter() - t0
         t0 = time.perf_counter()
-        verification = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config, calibration,
-                              config.seed + 1000 * (round_number + 1),
+        verification = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config,
+                              calibration, config.seed + 1000 * (round_number + 1),
                               lambda f, m: stages.report("verification", f, m))
         t_verify += time.perf_counter() - t0
         # A further round only for a flagged class, as the first: one clean model in five has a
