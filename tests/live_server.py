@@ -17,14 +17,13 @@ from tests.api.support import PATIENCE_S, free_port, wait_for  # noqa: F401  (re
 REPO = Path(__file__).resolve().parents[1]
 # Small settings: these tests are about the service, not about the quality of the sanitization.
 # One trigger family and short searches (a job takes about 15 s on two cores, against 45 s at the
-# defaults). The shipped calibration is fitted on Fashion-MNIST models, where natural classes need
-# triggers almost as small as a backdoor's; on these 16 x 16 digits it puts the backdoor at
-# probability ~0.5-0.9. The low flagging line makes the job go through every stage (unlearning,
-# verification, trigger pictures), whatever the verdict.
+# defaults). The shipped calibration for plain models (fitted on Fashion-MNIST small CNNs) flags
+# this 3 x 3 backdoor alone at the default lines (probability 1.0; the next class 0.34), so the
+# job goes through every stage (unlearning, verification, trigger pictures).
 QUICK_CONFIG = {"seed": 0,
                 "recovery": {"families": ["mask"], "screen_steps": 20, "refine_steps": 60, "generator_steps": 30},
                 "unlearning": {"epochs": 2, "rounds": 1},
-                "detection": {"flag_probability": 0.2, "suspicious_probability": 0.1, "reference_epochs": 10}}
+                "detection": {"reference_epochs": 10}}
 
 
 @pytest.fixture(scope="session")
