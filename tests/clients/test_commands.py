@@ -20,7 +20,7 @@ def test_submit_wait_runs_the_job_and_downloads_its_results(finished_job):
     # The progress bar's last line, then the verdict in one line.
     assert re.search(r"^report +\[#+\] 100%  \d\d:\d\d elapsed, 00:00 left  done$", run.stderr, re.M)
     # Whether unlearning this small model ends `removed` or `residual` is the engine's call (a
-    # verification at the quick config's low flagging line); the client shows the job's outcome.
+    # verification at the default lines); the client shows the job's outcome.
     assert summary["result"]["verdict"] in ("removed", "residual")
     assert f"verdict: {describe_outcome(summary['result'])}" in run.stderr.splitlines()
     files = {Path(f).relative_to(finished_job.out).as_posix() for f in summary["files"]}
