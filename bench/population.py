@@ -334,9 +334,7 @@ def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: boo
     ours, theirs, datasets = [], [], {}
     for victim in trained(limit, False, cache):
         result = detection_scores(victim, datasets, cache)
-        scores = result["class_scores"]
-        top = max(scores, key=lambda s: s["score"])
-        probability = calibration.probability(top["score"], len(scores), trained_kind(victim, cache))
+        top, probability = most_suspicious(result["class_scores"], calibration, trained_kind(victim, cache))
         targets = victim.options.get("targets") or ((victim.options["target"],) if victim.attack else ())
         mark = "" if not targets else (" (target)" if top["class"] in targets else " (not a target)")
         line = (f"| {victim.key} | {', '.join(map(str, targets)) or '-'} | {top['class']} ({top['family']}){mark} | "
@@ -353,6 +351,18 @@ def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: boo
     if neural_cleanse:
         lines.append(roc_auc_line(theirs, "Neural Cleanse's anomaly index"))
     return "\n".join(lines)
+
+
+def most_suspicious(class_scores: list[dict], calibration, kind: str) -> tuple[dict, float]:
+    """The highest-scoring class of cached ``detection_scores`` and the model's backdoor
+    probability under ``calibration``. The cache holds scores taken at scale 1
+    (``Calibration.scores_only``): each class is scored again at the kind's log ratio scale."""
+    from worker.sanitize.detection import class_score
+
+    scale = calibration.log_ratio_scale[kind]
+    scores = [{**s, "score": class_score(s["log_ratio"], s["reference_ratio"], scale)} for s in class_scores]
+    top = max(scores, key=lambda s: s["score"])
+    return top, calibration.probability(top["score"], len(scores), kind)
 
 
 def clean_model_asr(victim: Victim, attack, data: Split, cache: Path) -> float | None:

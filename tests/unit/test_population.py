@@ -1,6 +1,7 @@
 """The arithmetic of the population's detection tables (bench/population.py)."""
 
-from bench.population import roc_auc_line, summary
+from bench.population import most_suspicious, roc_auc_line, summary
+from worker.sanitize.detection import Calibration, NormalFit
 
 
 def test_roc_auc_ranks_implanted_backdoors_against_clean_models_only():
@@ -38,3 +39,15 @@ def test_neural_cleanses_detection_sits_beside_ours_when_every_row_holds_it():
     assert "| 2.50 | 8 |" in table and "| 1.50 | none |" in table
     assert "ROC-AUC of backdoor_probability: 1.000" in table
     assert "ROC-AUC of Neural Cleanse's anomaly index: 0.000" in table
+
+
+def test_cached_scores_are_judged_at_the_calibrations_log_ratio_scale():
+    # Cached at scale 1: class 3 led (min(1.0, 0.9) = 0.9 against 0.8), but at scale 2 class 3's
+    # reference ratio caps it at 0.9 and class 5's log ratio counts 1.6.
+    cached = [{"class": 3, "log_ratio": 1.0, "reference_ratio": 0.9, "score": 0.9},
+              {"class": 5, "log_ratio": 0.8, "reference_ratio": None, "score": 0.8}]
+    fit = {kind: NormalFit(0.0, 0.5, 10) for kind in ("plain", "batchnorm")}
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, fit, 1, "test", fit)
+    top, probability = most_suspicious(cached, calibration, "plain")
+    assert (top["class"], top["score"]) == (5, 1.6)
+    assert probability == calibration.probability(1.6, 2, "plain")
