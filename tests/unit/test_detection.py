@@ -158,7 +158,7 @@ def test_few_classes_do_not_crash(n):
     assert flagged(found([0.3] * n)) == []
 
 
-def test_a_touched_model_unlearns_every_working_class_above_the_suspicious_line_once_each():
+def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_unresolved():
     def score(target, family, probability, asr=0.9, class_probability=0.5):
         return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5)
@@ -167,9 +167,10 @@ def test_a_touched_model_unlearns_every_working_class_above_the_suspicious_line_
               score(9, "mask", 0.978, asr=0.3), score(8, "warp", 0.5)]
     detection = Detection({}, scores, 0.999)
     assert [s.target for s in detection.flagged] == [5]
-    # The second target of a multi-target model, under the flagging line; not the class whose
-    # trigger misses held-out images, nor the ordinary one; class 5 once, by its top family.
-    assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(5, "mask"), (2, "mask")]
+    # Class 5 once, by its top family; class 2 (above the suspicious line, trigger working) is
+    # left for the verdict, not the class whose trigger misses held-out images, nor the ordinary one.
+    assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(5, "mask")]
+    assert detection.unresolved(DetectionConfig()) == {2}
 
 
 def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():

@@ -166,24 +166,29 @@ class Detection:
         return one_per_class([score for score in self.scores if score.flagged])
 
     def to_unlearn(self, cfg: DetectionConfig) -> list[ClassScore]:
-        """The classes to unlearn in a model known to hold a backdoor (a class was flagged, or it
-        is being unlearnt already): the flagged ones and every class above the suspicious line
-        whose trigger works on held-out images. The flagging line keeps clean models untouched;
-        once a model is touched, a lower line catches the other targets of a multi-target
-        backdoor, which score under the first (a three-target model: 0.999, then 0.978 twice).
+        """The flagged classes, each with every other family whose trigger works and is flagged
+        judged as one class's tests: the same backdoor seen through another family. A SIG model
+        flagged by a patch of its sine signal kept 28% of its true trigger when only the patch was
+        unlearnt; its blend trigger was the signal itself. The flagging line, not the suspicious
+        one: about one ordinary family in ten is above the suspicious line for three tests, and
+        each trigger unlearnt costs accuracy.
 
-        Each such class brings, besides its top family, every other family whose trigger works
-        and is flagged judged as one class's tests: the same backdoor seen through another family.
-        A SIG model flagged by a patch of its sine signal kept 28% of its true trigger when only
-        the patch was unlearnt; its blend trigger was the signal itself. The flagging line, not the
-        suspicious one: about one ordinary family in ten is above the suspicious line for three
-        tests, and each trigger unlearnt costs accuracy."""
-        line = min(cfg.suspicious_probability, cfg.flag_probability)
-        top = one_per_class([score for score in self.scores if score.flagged or (
-            score.probability >= line and score.asr >= cfg.min_held_out_asr)])
+        Classes merely above the suspicious line are not unlearnt (``unresolved`` names them): on
+        the well-trained TrojanNN s22 unlearning two such ordinary classes beside the target cost
+        2.5 points of accuracy instead of 1.4 (docs/population.md, fifteenth sitting)."""
+        top = self.flagged
         targets = {score.target for score in top}
         return top + [score for score in self.scores if score.target in targets and score not in top
                       and score.class_probability >= cfg.flag_probability and score.asr >= cfg.min_held_out_asr]
+
+    def unresolved(self, cfg: DetectionConfig) -> set[int]:
+        """Classes above the suspicious line whose trigger works on held-out images but that are not
+        flagged: in a model known to hold a backdoor they may be its further targets. A search after
+        unlearning the first target is no proof that they are clean: on a three-target model whose
+        other targets scored 0.978 the verification found nothing, and their true triggers still
+        flipped 7.1% of test images (clean models: 1.3%)."""
+        return {score.target for score in self.scores if score.probability >= cfg.suspicious_probability
+                and score.asr >= cfg.min_held_out_asr} - {score.target for score in self.flagged}
 
 
 def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
@@ -444,17 +449,19 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     timings["reference"] = reference.seconds
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
-    # nothing even suspicious, and unlearnt classes that re-tune no faster than clean models'
-    # (each against the suspicious line); any other class counts as residual. Unlearning that
-    # kept no epoch (each one rolled back, or no epochs asked for) leaves the weights as they
-    # came, and then every flagged class is residual, whatever a search missed.
+    # nothing even suspicious, unlearnt classes that re-tune no faster than clean models' (each
+    # against the suspicious line), and no class left that was above the suspicious line before
+    # and not unlearnt; any other class counts as residual. Unlearning that kept no epoch (each
+    # one rolled back, or no epochs asked for) leaves the weights as they came, and then every
+    # flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
     dormant = sorted(r.target for r in retunings
                      if calibration.retuning_probability(r.statistic, len(retunings), r.kind) >= suspicious)
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
+    not_unlearnt = sorted(detection.unresolved(config.detection) - {t.target for t in all_triggers})
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | set(dormant) | (set() if changed else set(detected)))
+                          | set(dormant) | set(not_unlearnt) | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
@@ -475,7 +482,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     report = Report(
         verdict=verdict,
         verdict_reason=verdict_reason(verdict, detection, verification, detected, residual, dormant,
-                                      unlearning_runs, config),
+                                      not_unlearnt, unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
         detected_targets=detected,
@@ -529,8 +536,8 @@ def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   residual: list[int], dormant: list[int], unlearning_runs: list[UnlearningResult],
-                   config: SanitizeConfig) -> str:
+                   residual: list[int], dormant: list[int], not_unlearnt: list[int],
+                   unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
@@ -553,11 +560,7 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         return (f"class {top.target} ({top.family} family) needs an unusually small trigger, but "
                 f"{' and '.join(why)}; the model is returned unchanged: inspect it, or give more samples")
     if verdict == "removed":
-        flagged = [s.target for s in detection.flagged]
-        others = [t for t in detected if t not in flagged]
-        also = "" if not others else (f", and class(es) {others}, above the suspicious line in the same model, "
-                                      "unlearnt with it")
-        return (f"backdoor found for class(es) {flagged}{also}; after unlearning, "
+        return (f"backdoor found for class(es) {detected}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f}), and fine-tuned with a few images "
                 "stamped with the recovered trigger, the model learns it back no faster than clean models do")
@@ -568,12 +571,15 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
         return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
                 "returned unchanged and the backdoor may survive; do not ship this model without further checks")
-    found = [t for t in residual if t not in dormant]
+    found = [t for t in residual if t not in dormant and t not in not_unlearnt]
     why = [] if not found else [f"a new trigger search from scratch still finds unusually small triggers for "
                                 f"class(es) {found} (backdoor probability {verification.probability:.2f})"]
     if dormant:
         why.append(f"fine-tuned with a few images stamped with the recovered trigger, class(es) {dormant} "
                    "learn it back faster than clean models do (the backdoor is dormant, not gone)")
+    if not_unlearnt:
+        why.append(f"class(es) {not_unlearnt}, above the suspicious line but under the flagging line before "
+                   "unlearning, were not unlearnt and may be further targets")
     return f"after unlearning, {' and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
 
 
