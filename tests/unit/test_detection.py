@@ -18,7 +18,7 @@ from worker.sanitize.retuning import KINDS, model_kind
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
 CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS},
                           scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300)},
-                          models=10, source="test",
+                          models={kind: 10 for kind in KINDS}, source="test",
                           retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30)})
 
 
@@ -90,7 +90,7 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
     # (log ratio, reference ratio): the candidates' reference ratios spread twice as much.
     ratios = [(-1.0, None), (-0.5, None), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (2.0, 0.5)]
     calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4]}, {"batchnorm": [-1, 0, 1, 3],
-                                  "plain": [-1.0, -0.5]}, models=1, source="test")
+                                  "plain": [-1.0, -0.5]}, models={"batchnorm": 1, "plain": 1}, source="test")
     assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
     # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
     spread = math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)
@@ -103,6 +103,17 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
     for kind in KINDS:
         line = CALIBRATION.score_for(0.99, 30, kind)
         assert math.isclose(CALIBRATION.probability(line, 30, kind), 0.99, rel_tol=1e-6)
+
+
+def test_a_kind_without_calibration_models_keeps_its_fit():
+    ratios = [(-1.0, None), (-0.5, None), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (2.0, 0.5)]
+    refitted = Calibration.fit({"plain": ratios, "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
+                               models={"plain": 2, "batchnorm": 0}, source="test", keep=CALIBRATION)
+    assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10}
+    assert (refitted.scores["batchnorm"], refitted.retuning["batchnorm"]) == (CALIBRATION.scores["batchnorm"],
+                                                                            CALIBRATION.retuning["batchnorm"])
+    with pytest.raises(ValueError, match="batchnorm"):
+        Calibration.fit({"plain": ratios}, {"plain": [-1.0]}, models={"plain": 2}, source="test")
 
 
 def test_a_score_is_judged_by_clean_models_of_the_same_kind():
@@ -148,7 +159,7 @@ def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
 
 def test_the_shipped_calibration_comes_from_clean_models():
     shipped = Calibration.load()
-    assert shipped.models >= 2
+    assert all(shipped.models[kind] >= 2 for kind in KINDS)
     fits = [shipped.scores[kind] for kind in KINDS] + [shipped.retuning[kind] for kind in KINDS]
     assert all(fit.count >= 3 and fit.std > 0 for fit in fits)
 

@@ -47,7 +47,7 @@ def test_cached_scores_are_judged_at_the_calibrations_log_ratio_scale():
     cached = [{"class": 3, "log_ratio": 1.0, "reference_ratio": 0.9, "score": 0.9},
               {"class": 5, "log_ratio": 0.8, "reference_ratio": None, "score": 0.8}]
     fit = {kind: NormalFit(0.0, 0.5, 10) for kind in ("plain", "batchnorm")}
-    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, fit, 1, "test", fit)
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, fit, {"plain": 1, "batchnorm": 1}, "test", fit)
     top, probability = most_suspicious(cached, calibration, "plain")
     assert (top["class"], top["score"]) == (5, 1.6)
     assert probability == calibration.probability(1.6, 2, "plain")

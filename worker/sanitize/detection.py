@@ -46,7 +46,7 @@ class Calibration:
     # is counted in reference-ratio units (``class_score``).
     log_ratio_scale: dict[str, float]
     scores: dict[str, NormalFit]  # the class scores of clean calibration models
-    models: int  # clean calibration models it was fitted on
+    models: dict[str, int]  # clean calibration models of each kind it was fitted on
     source: str
     # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
     retuning: dict[str, NormalFit]
@@ -59,18 +59,26 @@ class Calibration:
 
     @classmethod
     def fit(cls, ratios: dict[str, list[tuple[float, float | None]]], retuning: dict[str, list[float]],
-            models: int, source: str) -> "Calibration":
+            models: dict[str, int], source: str, keep: "Calibration | None" = None) -> "Calibration":
         """ratios[kind]: (log ratio, reference ratio) of every class and family of the kind's clean
-        calibration models; retuning[kind]: their re-tuning statistics."""
-        scales = {kind: log_ratio_scale(ratios[kind]) for kind in KINDS}
-        scores = {kind: NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]]) for kind in KINDS}
-        return cls(scales, scores, models, source, {kind: NormalFit.of(retuning[kind]) for kind in KINDS})
+        calibration models; retuning[kind]: their re-tuning statistics. A kind with no models
+        keeps ``keep``'s fits: one kind can be refitted without training the other's models again."""
+        fitted = [kind for kind in KINDS if models.get(kind)]
+        if missing := [kind for kind in KINDS if kind not in fitted and keep is None]:
+            raise ValueError(f"no calibration models of kind {', '.join(missing)}, and no fit to keep")
+        scales = {kind: log_ratio_scale(ratios[kind]) for kind in fitted}
+        scores = {kind: NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]]) for kind in fitted}
+        retunings = {kind: NormalFit.of(retuning[kind]) for kind in fitted}
+        for kind in set(KINDS) - set(fitted):
+            scales[kind], scores[kind], retunings[kind] = keep.log_ratio_scale[kind], keep.scores[kind], keep.retuning[kind]
+        return cls(scales, scores, {kind: models.get(kind) or keep.models[kind] for kind in KINDS}, source, retunings)
 
     @classmethod
     def scores_only(cls) -> "Calibration":
         """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
         dormant: for collecting the calibration models' own scores."""
-        return cls({kind: 1.0 for kind in KINDS}, never_dormant(), 0, "scores only", never_dormant())
+        return cls({kind: 1.0 for kind in KINDS}, never_dormant(), {kind: 0 for kind in KINDS}, "scores only",
+                   never_dormant())
 
     @property
     def collects_scores(self) -> bool:

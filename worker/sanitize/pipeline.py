@@ -504,7 +504,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         unlearning=None if not unlearning_runs else UnlearningSummary(
             rounds=len(unlearning_runs), epochs=sum(r.epochs_run for r in unlearning_runs),
             steps=sum(r.steps for r in unlearning_runs), rollbacks=sum(r.rollbacks for r in unlearning_runs)),
-        calibration=CalibrationSource(models=calibration.models, source=calibration.source, kind=kind),
+        calibration=CalibrationSource(models=calibration.models[kind], source=calibration.source, kind=kind),
         model_format=model_format,
         model_changed=changed,
         triggers=trigger_files,

@@ -88,7 +88,7 @@ class UnlearningSummary(ReportPart):
 
 
 class CalibrationSource(ReportPart):
-    models: int
+    models: int  # clean calibration models of the kind that judged the scores
     source: str
     kind: str | None = None  # the model kind whose clean models judged the scores; None in older reports
 
