@@ -2,7 +2,9 @@
 that a clean reference model follows too, the calibrated probability, and the frozen copy of the
 model that measures them."""
 
+import dataclasses
 import math
+import statistics
 
 import pytest
 import torch
@@ -114,6 +116,16 @@ def test_a_kind_without_calibration_models_keeps_its_fit():
                                                                             CALIBRATION.retuning["batchnorm"])
     with pytest.raises(ValueError, match="batchnorm"):
         Calibration.fit({"plain": ratios}, {"plain": [-1.0]}, models={"plain": 2}, source="test")
+
+
+def test_a_class_that_re_learns_faster_than_the_reference_is_dormant_whatever_clean_models_do():
+    # CALIBRATION's clean classes re-tune at 0 +- 1 (plain) and 2 +- 1 (BatchNorm) against the
+    # reference: lines above 0, so the reference, which never had the trigger, sets the line.
+    assert CALIBRATION.dormancy_line(0.8, 1, "plain") == CALIBRATION.dormancy_line(0.8, 1, "batchnorm") == 0.0
+    # Clean classes that re-learn far slower than the reference set a stricter line of their own.
+    strict = dataclasses.replace(CALIBRATION, retuning={kind: NormalFit(-4.0, 1.0, 12) for kind in KINDS})
+    assert strict.dormancy_line(0.8, 1, "plain") == pytest.approx(-4.0 + statistics.NormalDist().inv_cdf(0.8))
+    assert strict.dormancy_line(0.8, 3, "plain") > strict.dormancy_line(0.8, 1, "plain")
 
 
 def test_a_score_is_judged_by_clean_models_of_the_same_kind():

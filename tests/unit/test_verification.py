@@ -113,10 +113,12 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
     accuracy = report["clean_accuracy"]
     assert accuracy["images"] > 0 and 1.96 / accuracy["images"] <= accuracy["margin"] < 1
-    # Re-tuned with its recovered trigger, the unlearnt class learns it back no faster than the reference.
+    # Re-tuned with its recovered trigger, the unlearnt class learns it back no faster than the reference
+    # and clean models do.
     [retuning] = report["verification"]["retuning"]
     assert retuning["class"] == TARGET and retuning["retuned_asr"] < 0.1 and retuning["probability"] < 0.8
     assert retuning["kind"] == "plain"  # judged against clean models without running statistics
+    assert retuning["statistic"] <= report["verification"]["dormancy_line"] <= 0
 
 
 def test_a_backdoor_that_comes_back_when_re_tuned_is_reported_residual(files, tmp_path):

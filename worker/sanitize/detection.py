@@ -36,6 +36,10 @@ class NormalFit:
         """Chance that one clean value is below ``value``."""
         return normal_cdf(value, self.mean, self.std)
 
+    def at(self, probability: float, tests: int) -> float:
+        """The value that all of ``tests`` clean values stay below with ``probability``."""
+        return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -94,8 +98,16 @@ class Calibration:
 
     def score_for(self, probability: float, tests: int, kind: str) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
-        fit = self.scores[kind]
-        return fit.mean + fit.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
+        return self.scores[kind].at(probability, tests)
+
+    def dormancy_line(self, probability: float, tests: int, kind: str) -> float:
+        """The re-tuning statistic above which ``tests`` unlearnt classes count as dormant: above
+        what clean models' unlearnt classes show with ``probability``, or above 0, faster than the
+        reference, which never had the trigger, learns it. The second decides on BatchNorm models,
+        whose clean unlearnt classes re-learn up to e^6 times faster than the reference (the line
+        fitted on them: +3.6): under that line alone a WaNet ResNet was reported `removed` while a
+        short re-tuning brought its true trigger back to 44% (clean ResNets: 3-9%)."""
+        return min(0.0, self.retuning[kind].at(probability, tests))
 
 
 def never_dormant() -> dict[str, NormalFit]:

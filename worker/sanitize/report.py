@@ -78,6 +78,9 @@ class Verification(ReportPart):
     backdoor_probability: float
     class_scores: list[ReportedScore]
     retuning: list[RetuningRow] = []
+    # The statistic above which an unlearnt class counts as dormant (Calibration.dormancy_line);
+    # None in reports of older versions.
+    dormancy_line: float | None = None
 
 
 class UnlearningSummary(ReportPart):
