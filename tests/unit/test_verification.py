@@ -27,7 +27,8 @@ K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
 TOY_CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS},
-                              scores={kind: NormalFit(0.0, 0.5, 0) for kind in KINDS}, models={kind: 0 for kind in KINDS}, source="toy",
+                              scores={kind: NormalFit(0.0, 0.5, 0) for kind in KINDS},
+                              models={kind: 0 for kind in KINDS}, source="toy",
                               retuning={kind: NormalFit(1.0, 1.0, 0) for kind in KINDS})
 SMALL = {"recovery": {"screen_steps": 20, "refine_steps": 60, "generator_steps": 20, "families": ["mask", "blend"]},
          "unlearning": {"epochs": 3}}

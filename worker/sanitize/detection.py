@@ -74,7 +74,8 @@ class Calibration:
         scores = {kind: NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]]) for kind in fitted}
         retunings = {kind: NormalFit.of(retuning[kind]) for kind in fitted}
         for kind in set(KINDS) - set(fitted):
-            scales[kind], scores[kind], retunings[kind] = keep.log_ratio_scale[kind], keep.scores[kind], keep.retuning[kind]
+            scales[kind], scores[kind] = keep.log_ratio_scale[kind], keep.scores[kind]
+            retunings[kind] = keep.retuning[kind]
         return cls(scales, scores, {kind: models.get(kind) or keep.models[kind] for kind in KINDS}, source, retunings)
 
     @classmethod

@@ -450,10 +450,10 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
 
     # The verdict: never more than was checked. "removed" needs a verification search that finds
     # nothing even suspicious, unlearnt classes that re-tune no faster than clean models' (each
-    # against the suspicious line) nor than the reference (``dormancy_line``), and no class left that was above the suspicious line before
-    # and not unlearnt; any other class counts as residual. Unlearning that kept no epoch (each
-    # one rolled back, or no epochs asked for) leaves the weights as they came, and then every
-    # flagged class is residual, whatever a search missed.
+    # against the suspicious line) nor than the reference (``dormancy_line``), and no class left
+    # that was above the suspicious line before and not unlearnt; any other class counts as
+    # residual. Unlearning that kept no epoch (each one rolled back, or no epochs asked for) leaves
+    # the weights as they came, and then every flagged class is residual, whatever a search missed.
     suspicious = config.detection.suspicious_probability
     dormancy_line = calibration.dormancy_line(suspicious, max(1, len(retunings)), kind)
     dormant = sorted(r.target for r in retunings if r.statistic > dormancy_line)
@@ -564,8 +564,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         return (f"backdoor found for class(es) {detected}; after unlearning, "
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f}), and fine-tuned with a few images "
-                "stamped with the recovered trigger, the model learns it back no faster than clean models' classes "
-                "or a model that never had it do")
+                "stamped with the recovered trigger, the model learns it back no faster than a model that never "
+                "had it, nor than clean models' unlearnt classes")
     if not kept_an_epoch(unlearning_runs):
         rollbacks = sum(run.rollbacks for run in unlearning_runs)
         why = ("unlearning.epochs is 0" if config.unlearning.epochs == 0 else
@@ -578,8 +578,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                                 f"class(es) {found} (backdoor probability {verification.probability:.2f})"]
     if dormant:
         why.append(f"fine-tuned with a few images stamped with the recovered trigger, class(es) {dormant} "
-                   "learn it back faster than clean models' classes or a model that never had it do (the "
-                   "backdoor is dormant, not gone)")
+                   "learn it back faster than a model that never had it or than clean models' unlearnt classes "
+                   "(the backdoor is dormant, not gone)")
     if not_unlearnt:
         why.append(f"class(es) {not_unlearnt}, above the suspicious line but under the flagging line before "
                    "unlearning, were not unlearnt and may be further targets")
