@@ -67,16 +67,19 @@ class Calibration:
         """ratios[kind]: (log ratio, reference ratio) of every class and family of the kind's clean
         calibration models; retuning[kind]: their re-tuning statistics. A kind with no models
         keeps ``keep``'s fits: one kind can be refitted without training the other's models again."""
-        fitted = [kind for kind in KINDS if models.get(kind)]
-        if missing := [kind for kind in KINDS if kind not in fitted and keep is None]:
-            raise ValueError(f"no calibration models of kind {', '.join(missing)}, and no fit to keep")
-        scales = {kind: log_ratio_scale(ratios[kind]) for kind in fitted}
-        scores = {kind: NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]]) for kind in fitted}
-        retunings = {kind: NormalFit.of(retuning[kind]) for kind in fitted}
-        for kind in set(KINDS) - set(fitted):
-            scales[kind], scores[kind] = keep.log_ratio_scale[kind], keep.scores[kind]
-            retunings[kind] = keep.retuning[kind]
-        return cls(scales, scores, {kind: models.get(kind) or keep.models[kind] for kind in KINDS}, source, retunings)
+        unfitted = [kind for kind in KINDS if not models.get(kind)]
+        if unfitted and keep is None:
+            raise ValueError(f"no calibration models of kind {', '.join(unfitted)}, and no fit to keep")
+        scales, scores, retunings, counts = {}, {}, {}, {}
+        for kind in KINDS:  # in this order, so that calibration.json's keys keep theirs
+            if kind in unfitted:
+                scales[kind], scores[kind] = keep.log_ratio_scale[kind], keep.scores[kind]
+                retunings[kind], counts[kind] = keep.retuning[kind], keep.models[kind]
+            else:
+                scales[kind] = log_ratio_scale(ratios[kind])
+                scores[kind] = NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]])
+                retunings[kind], counts[kind] = NormalFit.of(retuning[kind]), models[kind]
+        return cls(scales, scores, counts, source, retunings)
 
     @classmethod
     def scores_only(cls) -> "Calibration":
