@@ -565,7 +565,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                 f"a new trigger search from scratch finds no class with an unusually small trigger "
                 f"(backdoor probability {verification.probability:.2f}), and fine-tuned with a few images "
                 "stamped with the recovered trigger, the model learns it back no faster than a model that never "
-                "had it, nor than clean models' unlearnt classes")
+                "had it, nor than clean models' unlearnt classes (a true trigger unlike the recovered one can "
+                "still be re-taught faster: this check does not reach it)")
     if not kept_an_epoch(unlearning_runs):
         rollbacks = sum(run.rollbacks for run in unlearning_runs)
         why = ("unlearning.epochs is 0" if config.unlearning.epochs == 0 else
