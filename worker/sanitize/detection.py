@@ -218,7 +218,7 @@ class UnsizedTrigger:
     whole size it fails (a warp that large scrambles the image; the pattern alone, on every pixel,
     is whatever it looks like), so its budget is the family's ``whole``, the least suspicious size
     there is. A WaNet small ResNet's target came out so (its warp flipped 84% of held-out images at
-    a displacement of 0.41 pixels, the other classes' budgets 2.4-3.9) and the model `clean`
+    a displacement of 0.26 pixels, the other classes' budgets 2.4-3.9) and the model `clean`
     (docs/population.md, seventeenth sitting). Its size as found is what the trigger is known to
     work at, and ``score`` is the scaled log ratio that size would give, unchecked on the reference:
     not a measurement to flag on, but a reason not to call the model clean."""

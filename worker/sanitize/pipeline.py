@@ -470,7 +470,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     not_unlearnt = sorted(detection.unresolved(config.detection) - {t.target for t in all_triggers})
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | verification.unsized_above(suspicious) | set(dormant) | set(not_unlearnt) | (set() if changed else set(detected)))
+                          | verification.unsized_above(suspicious) | set(dormant) | set(not_unlearnt)
+                          | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
