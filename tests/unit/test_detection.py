@@ -196,7 +196,6 @@ def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_
     assert detection.unresolved(DetectionConfig()) == {2}
 
 
-
 def test_a_working_trigger_that_fails_at_the_whole_size_is_unsized_and_judged_by_its_size_as_found():
     warp = WarpFamily((1, 8, 8))
     triggers = found([1.0] * 10, family=warp)

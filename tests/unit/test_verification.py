@@ -189,7 +189,6 @@ def test_a_class_above_the_suspicious_line_that_was_not_unlearnt_is_residual():
     assert "new trigger search" not in reason and "may survive" in reason
 
 
-
 def test_a_model_whose_only_suspicious_trigger_could_not_be_sized_is_suspicious_and_says_why():
     unsized = UnsizedTrigger(2, "warp", 0.41, 0.84, 2.7, 0.9995)
     reason = verdict_reason("suspicious", Detection({}, [], 0.52, [unsized]), None, [], [], [], [], [],

@@ -238,11 +238,11 @@ def unsized_triggers(per_family: list[list[FoundTrigger]], calibration: Calibrat
     tests = sum(len(found) for found in per_family)
     unsized = []
     for found in per_family:
-        median = statistics.median(math.log(max(t.size, 1e-6)) for t in found)
-        for trigger in found:
+        for trigger, log_ratio in zip(found, log_ratios(found)):
             if trigger.size >= trigger.family.whole and trigger.asr >= cfg.budget_asr:
                 size = float(trigger.family.size(trigger.raw.view(1, -1)))
-                score = calibration.log_ratio_scale[kind] * (median - math.log(max(size, 1e-6)))
+                # Its log ratio, moved from the whole size to its size as found.
+                score = calibration.log_ratio_scale[kind] * (log_ratio + math.log(trigger.size / max(size, 1e-6)))
                 unsized.append(UnsizedTrigger(trigger.target, trigger.family.name, size, trigger.asr, score,
                                               calibration.probability(score, tests, kind)))
     return sorted(unsized, key=lambda u: -u.score)
