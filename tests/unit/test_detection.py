@@ -11,8 +11,8 @@ import torch
 
 from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, UnsizedTrigger, backdoor_probability,
-                                      log_ratios, reference_line, score_classes, unsized_triggers)
+from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
+                                      reference_line, score_classes)
 from worker.sanitize.pipeline import Detection, Normalized, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, WarpFamily
 from worker.sanitize.retuning import KINDS, model_kind
@@ -194,29 +194,6 @@ def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_
     # left for the verdict, not the class whose trigger misses held-out images, nor the ordinary one.
     assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(5, "mask")]
     assert detection.unresolved(DetectionConfig()) == {2}
-
-
-def test_a_working_trigger_that_fails_at_the_whole_size_is_unsized_and_judged_by_its_size_as_found():
-    warp = WarpFamily((1, 8, 8))
-    triggers = found([1.0] * 10, family=warp)
-    # Class 3's warp moves each pixel by 0.14 and flips 90% of held-out images, but sized up to the
-    # whole (2 pixels) it scrambles the images: its budget is censored at the least suspicious size.
-    triggers[3].raw, triggers[3].size = torch.full((warp.dim,), 0.1), warp.whole
-    triggers[5].size, triggers[5].asr = warp.whole, 0.1  # never worked: nothing to say
-    unsized = unsized_triggers([triggers], CALIBRATION, DetectionConfig(), "plain")
-    assert [(u.target, u.family) for u in unsized] == [(3, "warp")]
-    assert unsized[0].size == pytest.approx(0.1 * math.sqrt(2), rel=1e-3)
-    assert unsized[0].score == pytest.approx(math.log(1.0) - math.log(unsized[0].size), rel=1e-3)
-    assert unsized[0].probability == pytest.approx(CALIBRATION.probability(unsized[0].score, 10, "plain"))
-    assert flagged(triggers) == []  # it flags nothing: its budget was not measured
-
-
-def test_an_unsized_trigger_above_the_suspicious_line_stays_unresolved():
-    cfg = DetectionConfig()
-    unsized = [UnsizedTrigger(2, "warp", 0.4, 0.84, 3.0, 0.999), UnsizedTrigger(6, "warp", 2.0, 0.9, 0.1, 0.0)]
-    detection = Detection({}, [], 0.5, unsized)
-    assert detection.unsized_above(cfg.suspicious_probability) == {2}
-    assert detection.unresolved(cfg) == {2}
 
 
 def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():

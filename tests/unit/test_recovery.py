@@ -159,6 +159,29 @@ def test_budget_is_the_least_of_a_trigger_in_its_own_shape_that_still_works():
                   trigger, x, y, success=0.5) == 1.0
 
 
+class BandedBackdoor(torch.nn.Module):
+    """Predicts class 2 when the top-left pixel is bright but not white: a trigger that works
+    faint and fails at full strength, as a blend pattern fails where it is the whole image."""
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), 4)
+        bright = x[:, 0, 0, 0]
+        logits[:, 2] = torch.where(bright < 0.8, 20 * (bright - 0.5), torch.full_like(bright, -10.0))
+        return logits
+
+
+def test_budget_sizes_a_trigger_that_fails_at_the_whole_size_below_its_size_as_found():
+    x, y = torch.rand(100, 1, 6, 6) * 0.3, torch.zeros(100, dtype=torch.long)
+    white = torch.cat([torch.zeros(1), torch.full((36,), 9.0)])
+    as_found = FoundTrigger(2, BlendFamily((1, 6, 6)), white, 0.48, 0.48, True)
+    # The pattern alone (factor 1) is white and fails; at half it works, and the bisection below
+    # that finds the factor that lifts pixel (0, 0) over 0.5 for half the images.
+    assert 0.3 < budget(BandedBackdoor(), as_found, x, y, success=0.5) < 0.48
+    # Found at 0.9, where it fails as at every larger size: no size it is known to work at.
+    too_large = FoundTrigger(2, BlendFamily((1, 6, 6)), white, 0.9, 0.9, True)
+    assert budget(BandedBackdoor(), too_large, x, y, success=0.5) == 1.0
+
+
 def test_budget_stops_counting_early_without_changing_its_answer():
     # The blend factor lifts pixel (0, 0) over 0.5 sooner for darker images: each bisection step
     # sits at a different share of images, some near the line.

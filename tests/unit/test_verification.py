@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
-from worker.sanitize.detection import Calibration, ClassScore, NormalFit, UnsizedTrigger
+from worker.sanitize.detection import Calibration, ClassScore, NormalFit
 from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, verdict_reason
 from worker.sanitize.recovery import FoundTrigger, MaskFamily, held_out_asr
 from worker.sanitize.reference import train_reference
@@ -187,14 +187,6 @@ def test_a_class_above_the_suspicious_line_that_was_not_unlearnt_is_residual():
                             [kept], SanitizeConfig())
     assert "class(es) [4], above the suspicious line" in reason and "not unlearnt" in reason
     assert "new trigger search" not in reason and "may survive" in reason
-
-
-def test_a_model_whose_only_suspicious_trigger_could_not_be_sized_is_suspicious_and_says_why():
-    unsized = UnsizedTrigger(2, "warp", 0.41, 0.84, 2.7, 0.9995)
-    reason = verdict_reason("suspicious", Detection({}, [], 0.52, [unsized]), None, [], [], [], [], [],
-                            SanitizeConfig())
-    assert "class 2's warp trigger flips 84%" in reason and "could not be sized" in reason
-    assert "returned unchanged" in reason
 
 
 def test_the_accuracy_change_is_reported_with_a_margin_from_the_images_that_changed():

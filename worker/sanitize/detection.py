@@ -212,41 +212,5 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     return sorted(scores, key=lambda s: -s.score)
 
 
-@dataclass
-class UnsizedTrigger:
-    """A trigger that works on the held-out images as found but could not be sized: at the family's
-    whole size it fails (a warp that large scrambles the image; the pattern alone, on every pixel,
-    is whatever it looks like), so its budget is the family's ``whole``, the least suspicious size
-    there is. A WaNet small ResNet's target came out so (its warp flipped 84% of held-out images at
-    a displacement of 0.26 pixels, the other classes' budgets 2.4-3.9) and the model `clean`
-    (docs/population.md, seventeenth sitting). Its size as found is what the trigger is known to
-    work at, and ``score`` is the scaled log ratio that size would give, unchecked on the reference:
-    not a measurement to flag on, but a reason not to call the model clean."""
-
-    target: int
-    family: str
-    size: float  # as found (Family.size of the searched trigger)
-    asr: float  # held-out, as found
-    score: float
-    probability: float  # as a class score's, against every class and family
-
-
-def unsized_triggers(per_family: list[list[FoundTrigger]], calibration: Calibration, cfg: DetectionConfig,
-                     kind: str) -> list[UnsizedTrigger]:
-    """The triggers of ``per_family`` (as in ``score_classes``) whose budget is the family's whole
-    size although they flip ``budget_asr`` of the held-out images as found; the most suspicious first."""
-    tests = sum(len(found) for found in per_family)
-    unsized = []
-    for found in per_family:
-        for trigger, log_ratio in zip(found, log_ratios(found)):
-            if trigger.size >= trigger.family.whole and trigger.asr >= cfg.budget_asr:
-                size = float(trigger.family.size(trigger.raw.view(1, -1)))
-                # Its log ratio, moved from the whole size to its size as found.
-                score = calibration.log_ratio_scale[kind] * (log_ratio + math.log(trigger.size / max(size, 1e-6)))
-                unsized.append(UnsizedTrigger(trigger.target, trigger.family.name, size, trigger.asr, score,
-                                              calibration.probability(score, tests, kind)))
-    return sorted(unsized, key=lambda u: -u.score)
-
-
 def backdoor_probability(scores: list[ClassScore]) -> float:
     return max((s.probability for s in scores), default=0.0)

@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,7 @@ from torch import nn
 
 from . import __version__
 from .config import DetectionConfig, SanitizeConfig
-from .detection import (Calibration, ClassScore, UnsizedTrigger, backdoor_probability, log_ratios, reference_line,
-                        score_classes, unsized_triggers)
+from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, reference_line, score_classes
 from .errors import InputError
 from .formats import MODEL_SUFFIXES, sanitized_name
 from .images import trigger_pictures
@@ -160,7 +159,6 @@ class Detection:
     found: dict[tuple[int, str], FoundTrigger]
     scores: list[ClassScore]  # the most suspicious first
     probability: float
-    unsized: list[UnsizedTrigger] = field(default_factory=list)  # the most suspicious first
 
     @property
     def flagged(self) -> list[ClassScore]:
@@ -189,14 +187,8 @@ class Detection:
         unlearning the first target is no proof that they are clean: on a three-target model whose
         other targets scored 0.978 the verification found nothing, and their true triggers still
         flipped 7.1% of test images (clean models: 1.3%)."""
-        return ({score.target for score in self.scores if score.probability >= cfg.suspicious_probability
-                 and score.asr >= cfg.min_held_out_asr} | self.unsized_above(cfg.suspicious_probability)) - {
-            score.target for score in self.flagged}
-
-    def unsized_above(self, line: float) -> set[int]:
-        """Classes with a trigger that could not be sized (``UnsizedTrigger``) whose size as found
-        would put them at ``line`` or above."""
-        return {u.target for u in self.unsized if u.probability >= line}
+        return {score.target for score in self.scores if score.probability >= cfg.suspicious_probability
+                and score.asr >= cfg.min_held_out_asr} - {score.target for score in self.flagged}
 
 
 def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
@@ -240,8 +232,7 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
         per_family.append(found)
     scores = score_classes(per_family, calibration, config.detection, kind)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
-    return Detection(found, scores, backdoor_probability(scores),
-                     unsized_triggers(per_family, calibration, config.detection, kind))
+    return Detection(found, scores, backdoor_probability(scores))
 
 
 def generators_for(model, detection: Detection, scores: list[ClassScore], x_train, y_train, x_hold, y_hold,
@@ -470,15 +461,12 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     not_unlearnt = sorted(detection.unresolved(config.detection) - {t.target for t in all_triggers})
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | verification.unsized_above(suspicious) | set(dormant) | set(not_unlearnt)
+                          | set(dormant) | set(not_unlearnt)
                           | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
         residual = []
-        # A trigger that could not be sized is no evidence of a clean class: the WaNet ResNet whose
-        # target's warp was censored so came out `clean` with its backdoor at 95%.
-        above = detection.probability >= suspicious or detection.unsized_above(suspicious)
-        verdict = "suspicious" if above else "clean"
+        verdict = "suspicious" if detection.probability >= suspicious else "clean"
     right_after = correct_predictions(model, x_report, y_report) if changed else right_before
 
     # 5. Report and trigger pictures.
@@ -564,12 +552,6 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                                         "ones in well-trained models)")
         return (f"no class is above the suspicious line (backdoor probability {detection.probability:.2f}, "
                 f"line {config.detection.suspicious_probability}){where}; the model is returned unchanged")
-    if verdict == "suspicious" and detection.probability < config.detection.suspicious_probability:
-        unsized = detection.unsized[0]  # then one could not be sized, and it is above the line
-        return (f"class {unsized.target}'s {unsized.family} trigger flips {unsized.asr:.0%} of held-out images "
-                f"at size {unsized.size:.3g}, but fails at the family's whole size, so it could not be sized "
-                f"like the other classes'; sized as found, it would be above the suspicious line (probability "
-                f"{unsized.probability:.2f}); the model is returned unchanged: inspect it, or give more samples")
     if verdict == "suspicious":
         why = []
         if top.asr < config.detection.min_held_out_asr:

@@ -328,8 +328,16 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
            max_images: int = 512, steps: int = 10, chunk: int = 32, error: float = 1e-3) -> float:
     """The smallest size at which the trigger, in its own shape (``Family.at_strength``), still
     sends ``success`` of the held-out images of other classes to its class; the family's
-    ``whole`` if even that falls short. For the mask family: the fewest of its own pixels, its most
-    important first, at full strength, as a share of the image.
+    ``whole`` if it falls short at every size tried. For the mask family: the fewest of its own
+    pixels, its most important first, at full strength, as a share of the image.
+
+    The bisection starts from the largest size that works, halving from the whole down to the
+    trigger's size as found: many triggers fail at the whole size (at blend factor 1 the image is
+    the pattern alone; a warp that large scrambles it) though they work as found. Left at the
+    whole, half the blend triggers of a well-trained Trojan ResNet looked the least suspicious
+    size there is, which lifted the family's median and put three ordinary classes over the
+    flagging line; a WaNet ResNet's target (0.26 pixels as found) looked ordinary and the model
+    `clean` (docs/population.md, seventeenth and eighteenth sittings).
 
     What detection compares is this, not the size the search ended at: a backdoor answers to a
     few saturated pixels, while a searched mask's L1 size also counts the faint pixels an
@@ -345,7 +353,7 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
     others = others[order[:max_images].to(others.device)]
     if not len(others) or not trigger.worked:
         return family.whole
-    raw = trigger.raw.view(1, -1)
+    raw, as_found = trigger.raw.view(1, -1), trigger.size
     total = len(others)
     needed = success * total
 
@@ -367,16 +375,19 @@ def budget(model, trigger: FoundTrigger, x: torch.Tensor, y: torch.Tensor, succe
                 return hits / seen > success
         return hits >= needed
 
-    if not reaches(family.whole):
-        return family.whole
+    largest = family.whole
+    while not reaches(largest):
+        if largest <= as_found:
+            return family.whole
+        largest = max(largest / 2, as_found)
     if family.name == "mask":  # whole pixels: search the count exactly
         pixels = family.height * family.width
-        low, high = 0, pixels  # reaches(low) is false, reaches(high) true
+        low, high = 0, max(1, round(largest * pixels))  # reaches(low) is false, reaches(high) true
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (low, middle) if reaches(middle / pixels) else (middle, high)
         return high / pixels
-    low, high = 0.0, family.whole
+    low, high = 0.0, largest
     for _ in range(steps):
         middle = (low + high) / 2
         low, high = (low, middle) if reaches(middle) else (middle, high)
