@@ -253,7 +253,8 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         tops = {s["class"]: s["score"] for s in reversed(scores)}  # class scores come most suspicious first
         classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
         line = min(tops[c] for c in classes) - 1e-3
-        flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: NormalFit(line, 1e-6, 0) for kind in KINDS},
+        flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: 1.0 for kind in KINDS},
+                                 {kind: NormalFit(line, 1e-6, 0) for kind in KINDS},
                                  dict.fromkeys(KINDS, 0), "flags the most suspicious classes", never_dormant())
         print(f"unlearning classes {classes} of {victim.key}...", flush=True)
         if victim.dataset not in datasets:
@@ -281,7 +282,7 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
     models = dict.fromkeys(KINDS, 0)
     for victim in victims:
         kind, statistics = retuning_statistics(victim, datasets, cache)
-        ratios[kind] += [(s["log_ratio"], s["reference_ratio"])
+        ratios[kind] += [(s["log_ratio"], s["screen_log_ratio"], s["reference_ratio"])
                          for s in detection_scores(victim, datasets, cache)["class_scores"]]
         retuning[kind] += statistics
         models[kind] += 1
@@ -292,7 +293,8 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
     print(f"calibration from {len(victims)} clean models, by kind: " + "; ".join(
         f"{kind}{' (kept)' if kind in kept else ''}: {calibration.models[kind]} models, log ratio scale "
-        f"{calibration.log_ratio_scale[kind]:.3f}, {calibration.scores[kind].count} class "
+        f"{calibration.log_ratio_scale[kind]:.3f}, screen scale {calibration.screen_scale[kind]:.3f}, "
+        f"{calibration.scores[kind].count} class "
         f"scores, mean {calibration.scores[kind].mean:.3f}, std "
         f"{calibration.scores[kind].std:.3f}, re-tuning of {fit.count} unlearnt classes, mean {fit.mean:.3f}, "
         f"std {fit.std:.3f}" for kind, fit in calibration.retuning.items()))
@@ -361,12 +363,13 @@ def detection_summary(cache: Path, limit: int | None = None, neural_cleanse: boo
 
 def most_suspicious(class_scores: list[dict], calibration, kind: str) -> tuple[dict, float]:
     """The highest-scoring class of cached ``detection_scores`` and the model's backdoor
-    probability under ``calibration``. The cache holds scores taken at scale 1
-    (``Calibration.scores_only``): each class is scored again at the kind's log ratio scale."""
-    from worker.sanitize.detection import class_score
+    probability under ``calibration``. The cache holds scores taken at scales 1
+    (``Calibration.scores_only``): each class is scored again at the kind's scales."""
+    from worker.sanitize.detection import class_score, smallness
 
-    scale = calibration.log_ratio_scale[kind]
-    scores = [{**s, "score": class_score(s["log_ratio"], s["reference_ratio"], scale)} for s in class_scores]
+    scale, screen_scale = calibration.log_ratio_scale[kind], calibration.screen_scale[kind]
+    scores = [{**s, "score": class_score(smallness(s["log_ratio"], s["screen_log_ratio"], screen_scale),
+                                         s["reference_ratio"], scale)} for s in class_scores]
     top = max(scores, key=lambda s: s["score"])
     return top, calibration.probability(top["score"], len(scores), kind)
 

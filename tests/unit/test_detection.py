@@ -18,7 +18,7 @@ from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, Warp
 from worker.sanitize.retuning import KINDS, model_kind
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
-CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS},
+CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS}, screen_scale={kind: 1.0 for kind in KINDS},
                           scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300)},
                           models={kind: 10 for kind in KINDS}, source="test",
                           retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30)})
@@ -35,7 +35,7 @@ def flagged(*per_family, cfg=DetectionConfig()):
 
 
 def test_log_ratio_is_to_the_median_and_one_sided():
-    ratios = log_ratios(found([0.3, 0.3, 0.3, 0.03, 0.6]))
+    ratios = log_ratios([0.3, 0.3, 0.3, 0.03, 0.6])
     assert ratios[3] == pytest.approx(math.log(10)) and ratios[4] < 0 and ratios[0] == 0
 
 
@@ -88,11 +88,30 @@ def test_blend_factors_are_compared_among_themselves():
     assert flagged(found(masks), found(blends, BLEND)) == [(3, "blend")]
 
 
+def test_a_trigger_found_far_sooner_than_the_others_is_small_though_its_budget_is_ordinary():
+    # Every budget alike, but class 3's search held a trigger a hundred times smaller than the
+    # median class's after the first round: a faint whole-image trigger, as a Blended model's.
+    triggers = found([0.3, 0.35, 0.28, 0.3, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])
+    for trigger in triggers:
+        trigger.screen_size = 0.6
+    triggers[3].screen_size = 0.006
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
+    assert scores[3].screen_log_ratio == pytest.approx(math.log(100)) and abs(scores[3].log_ratio) < 0.05
+    assert scores[3].score == pytest.approx(math.log(100)) and scores[3].flagged
+    # A clean reference model that finds it as easy caps it, as it caps a small budget.
+    triggers[3].reference_size = 0.6
+    natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
+    assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
+
+
 def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_probability():
-    # (log ratio, reference ratio): the candidates' reference ratios spread twice as much.
-    ratios = [(-1.0, None), (-0.5, None), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (2.0, 0.5)]
+    # (log ratio, screen log ratio, reference ratio): screens spread half as much as log ratios
+    # (so no screen counts more than its log ratio), candidates' reference ratios twice as much.
+    ratios = [(-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0), (1.0, 0.5, 2.0), (1.5, 0.75, 3.0),
+              (2.0, 1.0, 0.5)]
     calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4]}, {"batchnorm": [-1, 0, 1, 3],
                                   "plain": [-1.0, -0.5]}, models={"batchnorm": 1, "plain": 1}, source="test")
+    assert calibration.screen_scale["batchnorm"] == pytest.approx(2.0)
     assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
     # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
     spread = math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)
@@ -108,7 +127,8 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
 
 
 def test_a_kind_without_calibration_models_keeps_its_fit():
-    ratios = [(-1.0, None), (-0.5, None), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (2.0, 0.5)]
+    ratios = [(-1.0, -1.0, None), (-0.5, -0.5, None), (0.5, 0.5, 1.0), (1.0, 1.0, 2.0), (1.5, 1.5, 3.0),
+              (2.0, 2.0, 0.5)]
     refitted = Calibration.fit({"plain": ratios, "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
                                models={"plain": 2, "batchnorm": 0}, source="test", keep=CALIBRATION)
     assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10}
@@ -183,7 +203,7 @@ def test_few_classes_do_not_crash(n):
 
 def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_unresolved():
     def score(target, family, probability, asr=0.9, class_probability=0.5):
-        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
+        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5)
 
     scores = [score(5, "mask", 0.999), score(5, "blend", 0.95), score(2, "mask", 0.978),
@@ -198,7 +218,7 @@ def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_
 
 def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
     def score(target, family, probability, class_probability, asr=0.9):
-        return ClassScore(target, family, 0.01, 2.0, None, None, 2.0, asr, None, probability, class_probability,
+        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5)
 
     scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.995), score(4, "warp", 0.1, 0.95),

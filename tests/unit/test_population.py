@@ -41,13 +41,20 @@ def test_neural_cleanses_detection_sits_beside_ours_when_every_row_holds_it():
     assert "ROC-AUC of Neural Cleanse's anomaly index: 0.000" in table
 
 
-def test_cached_scores_are_judged_at_the_calibrations_log_ratio_scale():
-    # Cached at scale 1: class 3 led (min(1.0, 0.9) = 0.9 against 0.8), but at scale 2 class 3's
-    # reference ratio caps it at 0.9 and class 5's log ratio counts 1.6.
-    cached = [{"class": 3, "log_ratio": 1.0, "reference_ratio": 0.9, "score": 0.9},
-              {"class": 5, "log_ratio": 0.8, "reference_ratio": None, "score": 0.8}]
+def test_cached_scores_are_judged_at_the_calibrations_scales():
+    # Cached at scales 1: class 3 led (min(1.0, 0.9) = 0.9 against 0.8), but at log ratio scale 2
+    # class 3's reference ratio caps it at 0.9 and class 5's log ratio counts 1.6; class 7's budget
+    # is ordinary, and its screen log ratio counts as much as a log ratio of 0.5 x 1.2.
+    cached = [{"class": 3, "log_ratio": 1.0, "screen_log_ratio": 0.0, "reference_ratio": 0.9, "score": 0.9},
+              {"class": 5, "log_ratio": 0.8, "screen_log_ratio": 0.0, "reference_ratio": None, "score": 0.8},
+              {"class": 7, "log_ratio": 0.1, "screen_log_ratio": 1.2, "reference_ratio": None, "score": 1.2}]
     fit = {kind: NormalFit(0.0, 0.5, 10) for kind in ("plain", "batchnorm")}
-    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, fit, {"plain": 1, "batchnorm": 1}, "test", fit)
+    models = {"plain": 1, "batchnorm": 1}
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 0.5, "batchnorm": 1.0}, fit, models, "test", fit)
     top, probability = most_suspicious(cached, calibration, "plain")
     assert (top["class"], top["score"]) == (5, 1.6)
-    assert probability == calibration.probability(1.6, 2, "plain")
+    assert probability == calibration.probability(1.6, 3, "plain")
+    # Where screens spread as little as log ratios, class 7's screen counts 1.2, twice: 2.4.
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 1.0, "batchnorm": 1.0}, fit, models, "test", fit)
+    top, _ = most_suspicious(cached, calibration, "plain")
+    assert (top["class"], top["score"]) == (7, 2.4)

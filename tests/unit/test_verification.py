@@ -26,7 +26,7 @@ from worker.sanitize.unlearning import Check, UnlearningResult
 K, SIDE, TARGET = 6, 12, 2
 # The verdict logic given a calibration; the shipped one is fitted on the bench population's
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
-TOY_CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS},
+TOY_CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS}, screen_scale={kind: 1.0 for kind in KINDS},
                               scores={kind: NormalFit(0.0, 0.5, 0) for kind in KINDS},
                               models={kind: 0 for kind in KINDS}, source="toy",
                               retuning={kind: NormalFit(1.0, 1.0, 0) for kind in KINDS})
@@ -171,7 +171,7 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
 
 
 def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
-    score = ClassScore(TARGET, "mask", 0.01, 2.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True)
+    score = ClassScore(TARGET, "mask", 0.01, 2.0, 0.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True)
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)

@@ -1,9 +1,11 @@
 """Which classes are backdoor targets: a calibrated score per class and trigger family, not
-hand-set floors. A class's score is the smaller of its log ratio (how much smaller its trigger is
-than the median class's), scaled to the reference ratio's spread, and its reference ratio (how
-much more of the same trigger a reference model trained on the clean samples alone needs);
-``calibration.json``, fitted per model kind on clean calibration models only, sets the scale and
-turns the highest score into ``backdoor_probability``.
+hand-set floors. A class's score is the smaller of how small its trigger is among the model's
+classes (the larger of its log ratio, how much smaller its budget is than the median class's, and
+its screen log ratio, the same of the size its search held after the first round), scaled to the
+reference ratio's spread, and its reference ratio (how much more of the same trigger a reference
+model trained on the clean samples alone needs); ``calibration.json``, fitted per model kind on
+clean calibration models only, sets the scales and turns the highest score into
+``backdoor_probability``.
 docs/method.md, section 3, explains each part and the measurements behind it.
 """
 
@@ -49,6 +51,9 @@ class Calibration:
     # How much more a clean candidate's reference ratio varies than its log ratio: the log ratio
     # is counted in reference-ratio units (``class_score``).
     log_ratio_scale: dict[str, float]
+    # How much more clean classes' log ratios vary than their screen log ratios: the screen log
+    # ratio is counted in log-ratio units (``smallness``).
+    screen_scale: dict[str, float]
     scores: dict[str, NormalFit]  # the class scores of clean calibration models
     models: dict[str, int]  # clean calibration models of each kind it was fitted on
     source: str
@@ -62,31 +67,36 @@ class Calibration:
         return cls(**{**fields, **fits})
 
     @classmethod
-    def fit(cls, ratios: dict[str, list[tuple[float, float | None]]], retuning: dict[str, list[float]],
+    def fit(cls, ratios: dict[str, list[tuple[float, float, float | None]]], retuning: dict[str, list[float]],
             models: dict[str, int], source: str, keep: "Calibration | None" = None) -> "Calibration":
-        """ratios[kind]: (log ratio, reference ratio) of every class and family of the kind's clean
-        calibration models; retuning[kind]: their re-tuning statistics. A kind with no models
-        keeps ``keep``'s fits: one kind can be refitted without training the other's models again."""
+        """ratios[kind]: (log ratio, screen log ratio, reference ratio) of every class and family of
+        the kind's clean calibration models; retuning[kind]: their re-tuning statistics. A kind with
+        no models keeps ``keep``'s fits: one kind can be refitted without training the other's
+        models again."""
         unfitted = [kind for kind in KINDS if not models.get(kind)]
         if unfitted and keep is None:
             raise ValueError(f"no calibration models of kind {', '.join(unfitted)}, and no fit to keep")
-        scales, scores, retunings, counts = {}, {}, {}, {}
+        scales, screen_scales, scores, retunings, counts = {}, {}, {}, {}, {}
         for kind in KINDS:  # in this order, so that calibration.json's keys keep theirs
             if kind in unfitted:
-                scales[kind], scores[kind] = keep.log_ratio_scale[kind], keep.scores[kind]
-                retunings[kind], counts[kind] = keep.retuning[kind], keep.models[kind]
+                scales[kind], screen_scales[kind] = keep.log_ratio_scale[kind], keep.screen_scale[kind]
+                scores[kind], retunings[kind], counts[kind] = keep.scores[kind], keep.retuning[kind], keep.models[kind]
             else:
-                scales[kind] = log_ratio_scale(ratios[kind])
-                scores[kind] = NormalFit.of([class_score(lr, rr, scales[kind]) for lr, rr in ratios[kind]])
+                screen_scales[kind] = (upper_normal([lr for lr, _, _ in ratios[kind]])[1]
+                                       / upper_normal([slr for _, slr, _ in ratios[kind]])[1])
+                scales[kind] = log_ratio_scale([(smallness(lr, slr, screen_scales[kind]), rr)
+                                                for lr, slr, rr in ratios[kind]])
+                scores[kind] = NormalFit.of([class_score(smallness(lr, slr, screen_scales[kind]), rr, scales[kind])
+                                             for lr, slr, rr in ratios[kind]])
                 retunings[kind], counts[kind] = NormalFit.of(retuning[kind]), models[kind]
-        return cls(scales, scores, counts, source, retunings)
+        return cls(scales, screen_scales, scores, counts, source, retunings)
 
     @classmethod
     def scores_only(cls) -> "Calibration":
         """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
         dormant: for collecting the calibration models' own scores."""
-        return cls({kind: 1.0 for kind in KINDS}, never_dormant(), {kind: 0 for kind in KINDS}, "scores only",
-                   never_dormant())
+        return cls({kind: 1.0 for kind in KINDS}, {kind: 1.0 for kind in KINDS}, never_dormant(),
+                   {kind: 0 for kind in KINDS}, "scores only", never_dormant())
 
     @property
     def collects_scores(self) -> bool:
@@ -138,6 +148,7 @@ class ClassScore:
     family: str
     size: float
     log_ratio: float  # log(median class's size / this size), in its family
+    screen_log_ratio: float  # the same of the screen sizes
     transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
     reference_ratio: float | None  # log(its budget on the reference / its budget here); None: not a candidate
     score: float  # class_score: what the calibration judges
@@ -150,10 +161,10 @@ class ClassScore:
     flagged: bool
 
 
-def log_ratios(found: list[FoundTrigger]) -> list[float]:
-    """One family's triggers, one per class -> how much smaller than the median class's each is,
-    in log units (a failed search counts as the family's ``whole`` size)."""
-    logs = [math.log(max(t.size, 1e-6)) for t in found]
+def log_ratios(sizes: list[float]) -> list[float]:
+    """One family's trigger sizes, one per class -> how much smaller than the median class's each
+    is, in log units (a failed search counts as the family's ``whole`` size)."""
+    logs = [math.log(max(size, 1e-6)) for size in sizes]
     median = statistics.median(logs)
     return [median - v for v in logs]
 
@@ -166,28 +177,37 @@ def reference_ratio(trigger: FoundTrigger) -> float | None:
 
 
 def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int, kind: str) -> float:
-    """The log ratio above which a class's reference ratio is measured, for scores judged as
+    """The smallness above which a class's reference ratio is measured, for scores judged as
     ``tests`` tests: the pipeline passes the number of families, the lowest line any decision uses
     (a flagged class's other families, ``class_probability``). A class's score is at most its scaled
-    log ratio, so below the suspicious line (or the flagging line, if lower) the reference cannot
-    change a verdict, and the scaled log ratio stands as its score. Collecting the calibration's
-    own scores measures every candidate (log ratio > 0): the fit needs true scores."""
+    smallness, so below the suspicious line (or the flagging line, if lower) the reference cannot
+    change a verdict, and the scaled smallness stands as its score. Collecting the calibration's
+    own scores measures every candidate (smallness > 0): the fit needs true scores."""
     if calibration.collects_scores:
         return 0.0
     probability = min(cfg.suspicious_probability, cfg.flag_probability)
     return max(0.0, calibration.score_for(probability, tests, kind) / calibration.log_ratio_scale[kind])
 
 
-def class_score(log_ratio: float, ratio: float | None, scale: float) -> float:
-    """The smaller of the log ratio, counted ``scale`` times, and the reference ratio: a target is
+def smallness(log_ratio: float, screen_log_ratio: float, screen_scale: float) -> float:
+    """How small a class's trigger is among the model's classes, in log-ratio units: its log ratio,
+    or its screen log ratio counted ``screen_scale`` times if that is larger. A faint trigger over
+    the whole image can need no smaller a budget than other classes and still be found far sooner:
+    a Blended small ResNet's target held at 0.074 (mask) and 0.092 (blend) after the first round,
+    other classes at 0.43-0.89, though its budgets were ordinary (docs/method.md, section 3)."""
+    return max(log_ratio, screen_scale * screen_log_ratio)
+
+
+def class_score(smallness: float, ratio: float | None, scale: float) -> float:
+    """The smaller of the smallness, counted ``scale`` times, and the reference ratio: a target is
     small among the model's classes *and* small only for this model."""
-    scaled = scale * log_ratio
-    return scaled if ratio is None or log_ratio <= 0 else min(scaled, ratio)
+    scaled = scale * smallness
+    return scaled if ratio is None or smallness <= 0 else min(scaled, ratio)
 
 
 def log_ratio_scale(ratios: list[tuple[float, float | None]]) -> float:
-    """How much more clean models' candidates (log ratio > 0, reference measured) spread in
-    reference ratio than in log ratio (``upper_normal`` spreads)."""
+    """How much more clean models' candidates (smallness > 0, reference measured) spread in
+    reference ratio than in smallness (``upper_normal`` spreads)."""
     candidates = [(lr, rr) for lr, rr in ratios if lr > 0 and rr is not None]
     return upper_normal([rr for _, rr in candidates])[1] / upper_normal([lr for lr, _ in candidates])[1]
 
@@ -199,12 +219,15 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     tests = sum(len(found) for found in per_family)
     scores = []
     for found in per_family:
-        for trigger, log_ratio in zip(found, log_ratios(found)):
+        screen_ratios = log_ratios([t.screen_size for t in found])
+        for trigger, log_ratio, screen_ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios):
             ratio = reference_ratio(trigger)
-            score = class_score(log_ratio, ratio, calibration.log_ratio_scale[kind])
+            small = smallness(log_ratio, screen_ratio, calibration.screen_scale[kind])
+            score = class_score(small, ratio, calibration.log_ratio_scale[kind])
             probability = calibration.probability(score, tests, kind)
             scores.append(ClassScore(
-                trigger.target, trigger.family.name, trigger.size, log_ratio, trigger.transfer_asr, ratio, score,
+                trigger.target, trigger.family.name, trigger.size, log_ratio, screen_ratio, trigger.transfer_asr,
+                ratio, score,
                 trigger.asr, trigger.shifted_asr, probability,
                 calibration.probability(score, len(per_family), kind),
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,

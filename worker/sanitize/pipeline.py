@@ -25,7 +25,8 @@ from torch import nn
 
 from . import __version__
 from .config import DetectionConfig, SanitizeConfig
-from .detection import Calibration, ClassScore, backdoor_probability, log_ratios, reference_line, score_classes
+from .detection import (Calibration, ClassScore, backdoor_probability, log_ratios, reference_line, score_classes,
+                        smallness)
 from .errors import InputError
 from .formats import MODEL_SUFFIXES, sanitized_name
 from .images import trigger_pictures
@@ -219,8 +220,10 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
         for trigger in found:
             trigger.asr = held_out_asr(measured, trigger, x_hold, y_hold)
             trigger.size = budget(measured, trigger, x_hold, y_hold, config.detection.budget_asr)
-        for trigger, log_ratio in zip(found, log_ratios(found)):
-            if log_ratio > line:  # a candidate: is it as small for a clean model of the data?
+        screen_ratios = log_ratios([t.screen_size for t in found])
+        for trigger, log_ratio, screen_ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios):
+            # A candidate: is it as small for a clean model of the data?
+            if smallness(log_ratio, screen_ratio, calibration.screen_scale[kind]) > line:
                 if measured_reference is None:
                     if reference.model is None:
                         on_progress(i / len(families), "training the reference model on the clean samples")
@@ -257,7 +260,8 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
 
     return [ReportedScore(class_=s.target, family=s.family, trigger_size=round(s.size, 5),
                           screen_size=round(detection.found[(s.target, s.family)].screen_size, 5),
-                          log_ratio=round(s.log_ratio, 3), transfer_asr=rounded(s.transfer_asr, 4),
+                          log_ratio=round(s.log_ratio, 3), screen_log_ratio=round(s.screen_log_ratio, 3),
+                          transfer_asr=rounded(s.transfer_asr, 4),
                           reference_ratio=rounded(s.reference_ratio, 3),
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
                           shifted_asr=rounded(s.shifted_asr, 4), probability=round(s.probability, 4),
@@ -394,7 +398,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     timings["validate"] = time.perf_counter() - stages.started
 
     # 2. Recover the smallest trigger of every class and family, and score them. A class whose
-    # scaled log ratio alone reaches the suspicious line is measured again on the reference model,
+    # scaled smallness alone reaches the suspicious line is measured again on the reference model,
     # trained on the clean samples alone the first time one does (reference.py): what the data
     # makes easy, it makes easy too.
     t0 = time.perf_counter()

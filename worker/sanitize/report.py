@@ -43,6 +43,7 @@ class ReportedScore(ReportPart):
     trigger_size: float | None = None
     screen_size: float | None = None
     log_ratio: float | None = None
+    screen_log_ratio: float | None = None
     transfer_asr: float | None = None
     reference_ratio: float | None = None
     score: float | None = None
