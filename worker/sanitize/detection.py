@@ -208,8 +208,8 @@ def class_score(smallness: float, ratio: float | None, scale: float) -> float:
 def log_ratio_scale(ratios: list[tuple[float, float | None]]) -> float:
     """How much more clean models' candidates (smallness > 0, reference measured) spread in
     reference ratio than in smallness (``upper_normal`` spreads)."""
-    candidates = [(lr, rr) for lr, rr in ratios if lr > 0 and rr is not None]
-    return upper_normal([rr for _, rr in candidates])[1] / upper_normal([lr for lr, _ in candidates])[1]
+    candidates = [(small, rr) for small, rr in ratios if small > 0 and rr is not None]
+    return upper_normal([rr for _, rr in candidates])[1] / upper_normal([small for small, _ in candidates])[1]
 
 
 def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration, cfg: DetectionConfig,
