@@ -69,6 +69,7 @@ def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
     triggers[3].reference_size = 0.006
     natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert implant[3].score == pytest.approx(math.log(100)) and implant[3].flagged
+    assert implant[3].budget_probability == implant[3].probability  # found by its budget, not its screen
     assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
     assert natural[3].log_ratio == implant[3].log_ratio
 
@@ -98,6 +99,8 @@ def test_a_trigger_found_far_sooner_than_the_others_is_small_though_its_budget_i
     scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert scores[3].screen_log_ratio == pytest.approx(math.log(100)) and abs(scores[3].log_ratio) < 0.05
     assert scores[3].score == pytest.approx(math.log(100)) and scores[3].flagged
+    # Its budget alone says nothing unusual: the trigger recovered is not known to be the backdoor's.
+    assert scores[3].budget_probability < DetectionConfig().suspicious_probability
     # A clean reference model that finds it as easy caps it, as it caps a small budget.
     triggers[3].reference_size = 0.6
     natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
@@ -204,7 +207,7 @@ def test_few_classes_do_not_crash(n):
 def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_unresolved():
     def score(target, family, probability, asr=0.9, class_probability=0.5):
         return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
-                          flagged=probability >= 0.99 and asr >= 0.5)
+                          flagged=probability >= 0.99 and asr >= 0.5, budget_probability=probability)
 
     scores = [score(5, "mask", 0.999), score(5, "blend", 0.95), score(2, "mask", 0.978),
               score(9, "mask", 0.978, asr=0.3), score(8, "warp", 0.5)]
@@ -219,7 +222,7 @@ def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_
 def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
     def score(target, family, probability, class_probability, asr=0.9):
         return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
-                          flagged=probability >= 0.99 and asr >= 0.5)
+                          flagged=probability >= 0.99 and asr >= 0.5, budget_probability=probability)
 
     scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.995), score(4, "warp", 0.1, 0.95),
               score(7, "blend", 0.5, 0.995), score(4, "patch", 0.6, 0.995, asr=0.2)]

@@ -171,11 +171,12 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
 
 
 def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
-    score = ClassScore(TARGET, "mask", 0.01, 2.0, 0.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True)
+    score = ClassScore(TARGET, "mask", 0.01, 2.0, 0.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True,
+                       budget_probability=0.999)
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)
-    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET], [], [],
+    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [TARGET], [], [], [],
                             [rolled_back], SanitizeConfig())
     assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
 
@@ -183,10 +184,24 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
 def test_a_class_above_the_suspicious_line_that_was_not_unlearnt_is_residual():
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     kept = UnlearningResult(before=start, after=Check(1, 0.9, {TARGET: 0.0}), epochs_run=1, steps=90, rollbacks=0)
-    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [4], [], [4],
+    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [4], [], [4], [],
                             [kept], SanitizeConfig())
     assert "class(es) [4], above the suspicious line" in reason and "not unlearnt" in reason
     assert "new trigger search" not in reason and "may survive" in reason
+
+
+def test_a_class_flagged_by_its_screen_alone_is_residual_whatever_the_checks_after_find(files, tmp_path):
+    # Scores led by the screen (counted a hundred times), budgets counted a tenth: the flagged
+    # classes' recovered triggers are not unusually small by themselves. Unlearning them erases
+    # them, and the checks after reach only them, so the backdoor's own trigger may survive.
+    screen_led = dataclasses.replace(TOY_CALIBRATION, log_ratio_scale={kind: 0.1 for kind in KINDS},
+                                     screen_scale={kind: 100.0 for kind in KINDS})
+    report = run(files, "backdoored", tmp_path, calibration=screen_led)
+    flagged = [s for s in report["class_scores"] if s["flagged"]]
+    assert flagged and all(s["budget_probability"] < s["probability"] for s in flagged)
+    assert report["verdict"] == "residual" and set(report["detected_targets"]) <= set(report["residual_targets"])
+    assert "how soon their trigger search converged" in report["verdict_reason"]
+    assert "may survive" in report["verdict_reason"]
 
 
 def test_the_accuracy_change_is_reported_with_a_margin_from_the_images_that_changed():

@@ -159,6 +159,9 @@ class ClassScore:
     # (its other families are then a few planned tests, not a search over every class).
     class_probability: float
     flagged: bool
+    # ``probability`` of its budget alone, without the screen: whether the trigger recovered is itself
+    # unusually small, and so whether unlearning it and re-tuning it reach a trigger like the backdoor's.
+    budget_probability: float
 
 
 def log_ratios(sizes: list[float]) -> list[float]:
@@ -225,12 +228,14 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
             small = smallness(log_ratio, screen_ratio, calibration.screen_scale[kind])
             score = class_score(small, ratio, calibration.log_ratio_scale[kind])
             probability = calibration.probability(score, tests, kind)
+            budget_score = class_score(log_ratio, ratio, calibration.log_ratio_scale[kind])
             scores.append(ClassScore(
                 trigger.target, trigger.family.name, trigger.size, log_ratio, screen_ratio, trigger.transfer_asr,
                 ratio, score,
                 trigger.asr, trigger.shifted_asr, probability,
                 calibration.probability(score, len(per_family), kind),
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
+                budget_probability=calibration.probability(budget_score, tests, kind),
             ))
     return sorted(scores, key=lambda s: -s.score)
 

@@ -266,7 +266,7 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
                           shifted_asr=rounded(s.shifted_asr, 4), probability=round(s.probability, 4),
                           class_probability=round(s.class_probability, 4),
-                          flagged=s.flagged)
+                          budget_probability=round(s.budget_probability, 4), flagged=s.flagged)
             for s in detection.scores]
 
 
@@ -415,7 +415,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # 3. Unlearn the flagged triggers, then 4. verify with a search from scratch; a trigger the
     # verification still finds is unlearnt in a further round, up to ``rounds``.
     verification, unlearning_runs = None, []
-    all_triggers = list(triggers)
+    all_triggers, unlearnt_scores = list(triggers), list(to_unlearn)
     t_unlearn = t_verify = 0.0
     for round_number in range(config.unlearning.rounds if triggers else 0):
         t0 = time.perf_counter()
@@ -436,8 +436,10 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         if verification.probability < config.detection.flag_probability or (
                 round_number + 1 == config.unlearning.rounds):
             break
-        all_triggers += generators_for(model, verification, verification.to_unlearn(config.detection), x_train,
-                                       y_train, x_hold, y_hold, config, config.seed + 1000 * (round_number + 1))
+        further = verification.to_unlearn(config.detection)
+        all_triggers += generators_for(model, verification, further, x_train, y_train, x_hold, y_hold, config,
+                                       config.seed + 1000 * (round_number + 1))
+        unlearnt_scores += further
     # A search that finds nothing small does not make a backdoor gone: unlearning may have made it
     # dormant, and then a brief fine-tuning with a few triggered images brings it back (retuning.py).
     changed = kept_an_epoch(unlearning_runs)
@@ -458,14 +460,20 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # that was above the suspicious line before and not unlearnt; any other class counts as
     # residual. Unlearning that kept no epoch (each one rolled back, or no epochs asked for) leaves
     # the weights as they came, and then every flagged class is residual, whatever a search missed.
+    # A class flagged by its screen alone is residual too: the trigger recovered for it is no smaller
+    # than ordinary classes', so unlearning it and the checks after reach that trigger, not
+    # necessarily the backdoor's (a Blended small ResNet was reported removed while its true trigger
+    # re-tuned back to 93%, docs/population.md, twentieth sitting).
     suspicious = config.detection.suspicious_probability
     dormancy_line = calibration.dormancy_line(suspicious, max(1, len(retunings)), kind)
     dormant = sorted(r.target for r in retunings if r.statistic > dormancy_line)
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
     not_unlearnt = sorted(detection.unresolved(config.detection) - {t.target for t in all_triggers})
+    screen_only = sorted({s.target for s in unlearnt_scores}
+                         - {s.target for s in unlearnt_scores if s.budget_probability >= suspicious})
     if triggers:
         residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | set(dormant) | set(not_unlearnt)
+                          | set(dormant) | set(not_unlearnt) | set(screen_only)
                           | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
@@ -487,7 +495,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     report = Report(
         verdict=verdict,
         verdict_reason=verdict_reason(verdict, detection, verification, detected, residual, dormant,
-                                      not_unlearnt, unlearning_runs, config),
+                                      not_unlearnt, screen_only, unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
         detected_targets=detected,
@@ -542,7 +550,7 @@ def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   residual: list[int], dormant: list[int], not_unlearnt: list[int],
+                   residual: list[int], dormant: list[int], not_unlearnt: list[int], screen_only: list[int],
                    unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
@@ -579,7 +587,7 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
         return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
                 "returned unchanged and the backdoor may survive; do not ship this model without further checks")
-    found = [t for t in residual if t not in dormant and t not in not_unlearnt]
+    found = [t for t in residual if t not in dormant and t not in not_unlearnt and t not in screen_only]
     why = [] if not found else [f"a new trigger search from scratch still finds unusually small triggers for "
                                 f"class(es) {found} (backdoor probability {verification.probability:.2f})"]
     if dormant:
@@ -589,6 +597,10 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
     if not_unlearnt:
         why.append(f"class(es) {not_unlearnt}, above the suspicious line but under the flagging line before "
                    "unlearning, were not unlearnt and may be further targets")
+    if screen_only:
+        why.append(f"class(es) {screen_only} were flagged by how soon their trigger search converged, but the "
+                   "trigger recovered for them is no smaller than ordinary classes': unlearning and the checks "
+                   "after it reach that trigger, and the backdoor's own trigger may differ")
     return f"after unlearning, {' and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
 
 

@@ -51,6 +51,7 @@ class ReportedScore(ReportPart):
     shifted_asr: float | None = None
     probability: float | None = None
     class_probability: float | None = None  # judged among one class's families (Detection.to_unlearn)
+    budget_probability: float | None = None  # the probability of its budget alone, without the screen
     flagged: bool = False
 
 
