@@ -494,7 +494,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, detected, residual, dormant,
+        verdict_reason=verdict_reason(verdict, detection, verification, detected, dormant,
                                       not_unlearnt, screen_only, unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
@@ -550,7 +550,7 @@ def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   residual: list[int], dormant: list[int], not_unlearnt: list[int], screen_only: list[int],
+                   dormant: list[int], not_unlearnt: list[int], screen_only: list[int],
                    unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
@@ -587,13 +587,14 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
         return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
                 "returned unchanged and the backdoor may survive; do not ship this model without further checks")
-    found = [t for t in residual if t not in dormant and t not in not_unlearnt and t not in screen_only]
-    why = [] if not found else [f"a new trigger search from scratch still finds unusually small triggers for "
-                                f"class(es) {found} (backdoor probability {verification.probability:.2f})"]
+    suspicious = config.detection.suspicious_probability
+    found = sorted({s.target for s in verification.scores if s.probability >= suspicious})
+    why = [] if not found else [f"after unlearning, a new trigger search from scratch still finds unusually small "
+                                f"triggers for class(es) {found} (backdoor probability {verification.probability:.2f})"]
     if dormant:
-        why.append(f"fine-tuned with a few images stamped with the recovered trigger, class(es) {dormant} "
-                   "learn it back faster than a model that never had it or than clean models' unlearnt classes "
-                   "(the backdoor is dormant, not gone)")
+        why.append(f"after unlearning, fine-tuned with a few images stamped with the recovered trigger, class(es) "
+                   f"{dormant} learn it back faster than a model that never had it or than clean models' unlearnt "
+                   "classes (the backdoor is dormant, not gone)")
     if not_unlearnt:
         why.append(f"class(es) {not_unlearnt}, above the suspicious line but under the flagging line before "
                    "unlearning, were not unlearnt and may be further targets")
@@ -601,6 +602,6 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
         why.append(f"class(es) {screen_only} were flagged by how soon their trigger search converged, but the "
                    "trigger recovered for them is no smaller than ordinary classes': unlearning and the checks "
                    "after it reach that trigger, and the backdoor's own trigger may differ")
-    return f"after unlearning, {' and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
+    return f"{'; and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
 
 
