@@ -600,8 +600,8 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                    "unlearning, were not unlearnt and may be further targets")
     if screen_only:
         why.append(f"class(es) {screen_only} were flagged by how soon their trigger search converged, but the "
-                   "trigger recovered for them is no smaller than ordinary classes': unlearning and the checks "
-                   "after it reach that trigger, and the backdoor's own trigger may differ")
+                   "trigger recovered for them is no smaller than ordinary classes', so unlearning and the checks "
+                   "after it reach that trigger only, not necessarily the backdoor's own")
     return f"{'; and '.join(why)}: the backdoor may survive; do not ship this model without further checks"
 
 
