@@ -176,7 +176,7 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)
-    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [], [], [],
+    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [], [], [], [],
                             [rolled_back], SanitizeConfig())
     assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
 
@@ -184,7 +184,7 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
 def test_a_class_above_the_suspicious_line_that_was_not_unlearnt_is_residual():
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     kept = UnlearningResult(before=start, after=Check(1, 0.9, {TARGET: 0.0}), epochs_run=1, steps=90, rollbacks=0)
-    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [], [4], [],
+    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [], [], [4], [],
                             [kept], SanitizeConfig())
     assert "class(es) [4], above the suspicious line" in reason and "not unlearnt" in reason
     assert "new trigger search" not in reason and "may survive" in reason

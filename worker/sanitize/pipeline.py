@@ -468,12 +468,13 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     dormancy_line = calibration.dormancy_line(suspicious, max(1, len(retunings)), kind)
     dormant = sorted(r.target for r in retunings if r.statistic > dormancy_line)
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
-    not_unlearnt = sorted(detection.unresolved(config.detection) - {t.target for t in all_triggers})
-    screen_only = sorted({s.target for s in unlearnt_scores}
-                         - {s.target for s in unlearnt_scores if s.budget_probability >= suspicious})
+    unlearnt = {s.target for s in unlearnt_scores}
+    not_unlearnt = sorted(detection.unresolved(config.detection) - unlearnt)
+    screen_only = sorted(unlearnt - {s.target for s in unlearnt_scores if s.budget_probability >= suspicious})
+    still_found = [] if verification is None else sorted(
+        {s.target for s in verification.scores if s.probability >= suspicious})
     if triggers:
-        residual = sorted({s.target for s in verification.scores if s.probability >= suspicious}
-                          | set(dormant) | set(not_unlearnt) | set(screen_only)
+        residual = sorted(set(still_found) | set(dormant) | set(not_unlearnt) | set(screen_only)
                           | (set() if changed else set(detected)))
         verdict = "residual" if residual else "removed"
     else:
@@ -494,8 +495,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     first, last = (unlearning_runs[0], unlearning_runs[-1]) if unlearning_runs else (None, None)
     report = Report(
         verdict=verdict,
-        verdict_reason=verdict_reason(verdict, detection, verification, detected, dormant,
-                                      not_unlearnt, screen_only, unlearning_runs, config),
+        verdict_reason=verdict_reason(verdict, detection, verification, detected, still_found,
+                                      dormant, not_unlearnt, screen_only, unlearning_runs, config),
         backdoor_probability=round(detection.probability, 4),
         backdoor_detected=bool(triggers),
         detected_targets=detected,
@@ -550,7 +551,7 @@ def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:
 
 
 def verdict_reason(verdict: str, detection: Detection, verification: Detection | None, detected: list[int],
-                   dormant: list[int], not_unlearnt: list[int], screen_only: list[int],
+                   still_found: list[int], dormant: list[int], not_unlearnt: list[int], screen_only: list[int],
                    unlearning_runs: list[UnlearningResult], config: SanitizeConfig) -> str:
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
@@ -587,10 +588,9 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
                f"more than {MAX_EPOCH_LOSS * 100:.0f} points of accuracy)")
         return (f"backdoor found for class(es) {detected}, but unlearning kept no epoch: {why}; the model is "
                 "returned unchanged and the backdoor may survive; do not ship this model without further checks")
-    suspicious = config.detection.suspicious_probability
-    found = sorted({s.target for s in verification.scores if s.probability >= suspicious})
-    why = [] if not found else [f"after unlearning, a new trigger search from scratch still finds unusually small "
-                                f"triggers for class(es) {found} (backdoor probability {verification.probability:.2f})"]
+    why = [] if not still_found else [f"after unlearning, a new trigger search from scratch still finds unusually "
+                                      f"small triggers for class(es) {still_found} (backdoor probability "
+                                      f"{verification.probability:.2f})"]
     if dormant:
         why.append(f"after unlearning, fine-tuned with a few images stamped with the recovered trigger, class(es) "
                    f"{dormant} learn it back faster than a model that never had it or than clean models' unlearnt "
