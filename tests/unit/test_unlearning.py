@@ -183,3 +183,28 @@ def test_an_epoch_that_costs_a_third_of_the_accuracy_is_rolled_back():
     result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
     assert result.rollbacks > 0
     assert torch.equal(model.linear.weight, torch.eye(3)) and result.after.clean_accuracy == 1.0
+
+
+class FragileBehind(nn.Module):
+    """Reads the label from the image, the more surely the larger its one weight; gives NaN below
+    that weight's original value, where the weights never go but the path step looks."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        out = 3 * self.scale * x.flatten(1)[:, :3]
+        return torch.where(self.scale >= 1.0, out, torch.full_like(out, math.nan))
+
+
+def test_unlearning_that_diverges_with_the_path_step_starts_again_without_it():
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    x = nn.functional.one_hot(y, 3).float().view(60, 1, 1, 3)
+    model = FragileBehind()
+    # The path step (0.1 of the weights' norm) looks past the original weight from the first step on.
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=0.1, fisher_weight=0.0, path_radius=0.1)
+    result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
+    # Without the restart every retry diverged again, and no epoch was kept.
+    assert result.rollbacks == 1 and result.epochs_run == 2
