@@ -13,7 +13,7 @@ from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
                                       reference_line, score_classes)
-from worker.sanitize.pipeline import Detection, Normalized, for_inference
+from worker.sanitize.pipeline import Detection, Normalized, by_budget, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, WarpFamily
 from worker.sanitize.retuning import KINDS, model_kind
 
@@ -231,6 +231,17 @@ def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
     # Not the warp, above the suspicious line only, not another class that is unusual only among
     # one class's tests, not a family whose trigger misses held-out images.
     assert [(s.target, s.family) for s in detection.to_unlearn(DetectionConfig())] == [(4, "mask"), (4, "blend")]
+
+
+def test_a_further_round_takes_only_the_classes_flagged_by_their_budget():
+    def score(target, family, budget_probability):
+        return ClassScore(target, family, 0.01, 2.0, 3.0, None, None, 2.0, 0.9, None, 0.999, 1.0,
+                          flagged=True, budget_probability=budget_probability)
+
+    # Class 3 is unusually small by its blend budget, so both its families go; class 6 only by how
+    # soon its search converged: it would be residual whatever a round did.
+    scores = [score(3, "mask", 0.4), score(3, "blend", 0.9), score(6, "mask", 0.5)]
+    assert [(s.target, s.family) for s in by_budget(scores, 0.8)] == [(3, "mask"), (3, "blend")]
 
 
 def test_a_class_probability_counts_only_that_class_tests():

@@ -192,6 +192,12 @@ class Detection:
                 and score.asr >= cfg.min_held_out_asr} - {score.target for score in self.flagged}
 
 
+def by_budget(scores: list[ClassScore], line: float) -> list[ClassScore]:
+    """The scores of the classes some of whose scores are above ``line`` on the budget alone."""
+    classes = {score.target for score in scores if score.budget_probability >= line}
+    return [score for score in scores if score.target in classes]
+
+
 def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
     """The first (most suspicious) score of each class."""
     seen, kept = set(), []
@@ -433,10 +439,13 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         t_verify += time.perf_counter() - t0
         # A further round only for a flagged class, as the first: one clean model in five has a
         # class above the suspicious line by chance, and unlearning a natural class costs accuracy.
-        if verification.probability < config.detection.flag_probability or (
-                round_number + 1 == config.unlearning.rounds):
+        # And only for one flagged by its budget: a class flagged by its screen alone is residual
+        # whatever follows (the verdict below), so unlearning it could only cost accuracy (the
+        # second round of the black-square BadNets small CNN s11 for its ordinary class 0: 3.6
+        # points in all, docs/population.md, twentieth sitting).
+        further = by_budget(verification.to_unlearn(config.detection), config.detection.suspicious_probability)
+        if not further or round_number + 1 == config.unlearning.rounds:
             break
-        further = verification.to_unlearn(config.detection)
         all_triggers += generators_for(model, verification, further, x_train, y_train, x_hold, y_hold, config,
                                        config.seed + 1000 * (round_number + 1))
         unlearnt_scores += further
@@ -470,7 +479,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     detected = list(dict.fromkeys(t.target for t in triggers))  # a class may have a trigger in several families
     unlearnt = {s.target for s in unlearnt_scores}
     not_unlearnt = sorted(detection.unresolved(config.detection) - unlearnt)
-    screen_only = sorted(unlearnt - {s.target for s in unlearnt_scores if s.budget_probability >= suspicious})
+    screen_only = sorted(unlearnt - {s.target for s in by_budget(unlearnt_scores, suspicious)})
     still_found = [] if verification is None else sorted(
         {s.target for s in verification.scores if s.probability >= suspicious})
     if triggers:
