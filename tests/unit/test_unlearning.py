@@ -208,3 +208,5 @@ def test_unlearning_that_diverges_with_the_path_step_starts_again_without_it():
     result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
     # Without the restart every retry diverged again, and no epoch was kept.
     assert result.rollbacks == 1 and result.epochs_run == 2
+    # The steps reported count the one taken before the restart too (6 steps an epoch).
+    assert result.steps == 2 * 6 + 1

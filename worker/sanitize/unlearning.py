@@ -229,6 +229,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     good_state = copy.deepcopy(model.state_dict())
     chosen = start = (before, good_state)
     rollbacks, step, epoch = 0, 0, 0
+    restarted_at = 0  # the step the schedule starts from: 0, or where PAM was dropped
     while epoch < cfg.epochs and rollbacks <= MAX_ROLLBACKS:
         diverged = False
         for idx in torch.randperm(len(x_train), generator=batches).split(cfg.batch_size):
@@ -243,7 +244,8 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 shift(params, back, -1)
                 diverged = True
                 break
-            step_size = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))  # cosine annealing
+            # cosine annealing
+            step_size = lr * 0.5 * (1 + math.cos(math.pi * (step - restarted_at) / max(1, total_steps)))
             for group in optimizer.param_groups:
                 group["lr"] = step_size
             optimizer.zero_grad()
@@ -254,7 +256,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 pull_to_anchor(params, anchor, fisher, weight * step_size)
             step += 1
             if on_step:
-                on_step(step, total_steps)
+                on_step(step - restarted_at, total_steps)
         epoch += 1
         result = check(model, triggers, x_select, y_select, epoch, seed)
         # A collapse need not reach chance: a BatchNorm ResNet unlearnt at lr 0.003 fell to 26%
@@ -267,7 +269,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 # points in its first epoch, and at half the step every later epoch diverged (14.2
                 # points of test accuracy lost; started again without PAM, 1.0: docs/population.md,
                 # twenty-first sitting). So start again without it.
-                radius, epoch, step = 0.0, 0, 0
+                radius, epoch, restarted_at = 0.0, 0, step
                 chosen, good_state = start, start[1]
             else:
                 lr, epoch = lr / 2, epoch - 1
