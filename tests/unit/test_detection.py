@@ -12,7 +12,7 @@ import torch
 from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
-                                      reference_line, score_classes)
+                                      reference_line, score_classes, uploaded_probability)
 from worker.sanitize.pipeline import Detection, Normalized, by_budget, for_inference
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, WarpFamily
 from worker.sanitize.retuning import KINDS, model_kind
@@ -242,6 +242,15 @@ def test_a_further_round_takes_only_the_classes_flagged_by_their_budget():
     # soon its search converged: it would be residual whatever a round did.
     scores = [score(3, "mask", 0.4), score(3, "blend", 0.9), score(6, "mask", 0.5)]
     assert [(s.target, s.family) for s in by_budget(scores, 0.8)] == [(3, "mask"), (3, "blend")]
+
+
+def test_a_trigger_found_after_unlearning_is_judged_as_on_the_model_as_uploaded():
+    sizes = [0.3, 0.35, 0.28, 0.3, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]
+    # As small on the uploaded model as after unlearning, 60 times smaller than on the reference.
+    missed = uploaded_probability(sizes, 3, 0.005, 0.3, CALIBRATION, "plain", 20)
+    # On the uploaded model it needs what the reference needs: unlearning made it.
+    made = uploaded_probability(sizes, 3, 0.3, 0.3, CALIBRATION, "plain", 20)
+    assert missed > 0.99 and made < 0.01
 
 
 def test_a_class_probability_counts_only_that_class_tests():

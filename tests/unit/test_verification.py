@@ -17,7 +17,7 @@ from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
 from worker.sanitize.detection import Calibration, ClassScore, NormalFit
-from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, verdict_reason
+from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, split_side_effects, verdict_reason
 from worker.sanitize.recovery import FoundTrigger, MaskFamily, held_out_asr
 from worker.sanitize.reference import train_reference
 from worker.sanitize.retuning import KINDS, retune
@@ -176,7 +176,7 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     rolled_back = UnlearningResult(before=start, after=start, epochs_run=0, steps=90, rollbacks=9)
-    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [], [], [], [],
+    reason = verdict_reason("residual", Detection({}, [score], 0.999), nothing_found, [TARGET], [], [], [], [], [],
                             [rolled_back], SanitizeConfig())
     assert "unlearning kept no epoch" in reason and "9 rolled back" in reason and "may survive" in reason
 
@@ -184,10 +184,49 @@ def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_
 def test_a_class_above_the_suspicious_line_that_was_not_unlearnt_is_residual():
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
     kept = UnlearningResult(before=start, after=Check(1, 0.9, {TARGET: 0.0}), epochs_run=1, steps=90, rollbacks=0)
-    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [], [], [4], [],
+    reason = verdict_reason("residual", Detection({}, [], 0.999), Detection({}, [], 0.1), [TARGET], [], [], [4], [], [],
                             [kept], SanitizeConfig())
     assert "class(es) [4], above the suspicious line" in reason and "not unlearnt" in reason
     assert "new trigger search" not in reason and "may survive" in reason
+
+
+class PixelToClass3(nn.Module):
+    """Four classes; class 0 unless the top-left pixel is bright and ``weak``: then class 3."""
+
+    def __init__(self, weak: bool):
+        super().__init__()
+        self.weak = weak
+
+    def forward(self, x):
+        bright = 50 * x[:, 0, 0, 0] - 20 if self.weak else torch.full_like(x[:, 0, 0, 0], -20.0)
+        others = torch.zeros(len(x), 3)
+        others[:, 0] = 1
+        return torch.cat([others, bright[:, None]], 1)
+
+
+def test_a_further_round_leaves_alone_a_class_whose_new_trigger_was_not_there_before():
+    family = MaskFamily((1, 4, 4))
+    raw = torch.full((family.dim,), 10.0)
+    raw[1:family.mask_dim] = -10  # the top-left pixel, white
+    after = FoundTrigger(3, family, raw, 1 / 16, 1 / 16, True, asr=1.0, reference_size=1.0)
+    first = {(c, "mask"): FoundTrigger(c, family, raw, 0.5, 0.5, True) for c in range(4)}
+    score = ClassScore(3, "mask", 1 / 16, 2.0, 2.0, 0.0, 2.8, 2.0, 1.0, 1.0, 0.99, 1.0, flagged=True,
+                       budget_probability=0.99)
+    detection, verification = Detection(first, [score] * 4, 0.5), Detection({(3, "mask"): after}, [score], 0.99)
+    x, y = torch.rand(64, 1, 4, 4) * 0.3, torch.arange(64) % 4
+    x[:, 0, 0, 0] = 0
+    calibration = dataclasses.replace(TOY_CALIBRATION, scores={kind: NormalFit(0.0, 1.0, 0) for kind in KINDS})
+
+    def split(uploaded, unlearnt=frozenset()):
+        return split_side_effects([score], set(unlearnt), verification, detection, uploaded, x, y, calibration,
+                                  SanitizeConfig().detection, "plain")
+
+    # The uploaded model answers to the pixel too: a backdoor the first detection missed.
+    assert split(PixelToClass3(weak=True)) == ([score], [])
+    # It does not: unlearning made the weakness.
+    assert split(PixelToClass3(weak=False)) == ([], [3])
+    # A class unlearnt already goes again, whatever the uploaded model does.
+    assert split(PixelToClass3(weak=False), {3}) == ([score], [])
 
 
 def test_a_class_flagged_by_its_screen_alone_is_residual_whatever_the_checks_after_find(files, tmp_path):

@@ -240,5 +240,19 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     return sorted(scores, key=lambda s: -s.score)
 
 
+def uploaded_probability(family_sizes: list[float], target: int, uploaded_size: float,
+                         reference_size: float | None, calibration: Calibration, kind: str, tests: int) -> float:
+    """The budget probability that a trigger found after unlearning would have had in the first
+    detection, on the model as uploaded: its budget there (``uploaded_size``) among the uploaded
+    model's own sizes of its family (``family_sizes``, one per class, the class's own replaced),
+    and against the reference's budget. A backdoor the first detection missed is as small on the
+    uploaded model; a weakness that unlearning made is not."""
+    sizes = list(family_sizes)
+    sizes[target] = uploaded_size
+    ratio = None if reference_size is None else math.log(max(reference_size, 1e-6) / max(uploaded_size, 1e-6))
+    score = class_score(log_ratios(sizes)[target], ratio, calibration.log_ratio_scale[kind])
+    return calibration.probability(score, tests, kind)
+
+
 def backdoor_probability(scores: list[ClassScore]) -> float:
     return max((s.probability for s in scores), default=0.0)

@@ -83,6 +83,9 @@ class Verification(ReportPart):
     # The statistic above which an unlearnt class counts as dormant (Calibration.dormancy_line);
     # None in reports of older versions.
     dormancy_line: float | None = None
+    # Classes the verification flagged that a further round left alone: their trigger is not
+    # unusually small on the model as uploaded, so unlearning made it (pipeline.split_side_effects).
+    side_effects: list[int] = []
 
 
 class UnlearningSummary(ReportPart):
