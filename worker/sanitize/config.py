@@ -48,7 +48,7 @@ class UnlearningConfig(Strict):
     fisher_weight: float = Field(3000.0, ge=0, le=1e6, description="weight of the Fisher-weighted L2 anchor to the original weights (unless every trigger is a warp)")
     fisher_weight_warp: float = Field(10000.0, ge=0, le=1e6, description="the anchor's weight when every trigger unlearnt is a warp")
     nearness_weight: float = Field(10.0, ge=0, le=1000, description="how much more a triggered image counts the nearer its clean image is to the trigger's target class (0: all alike)")
-    path_radius: float = Field(0.0, ge=0, le=0.5, description="each step's loss is taken this far back towards the original weights, as a share of their norm, so that the way back to the backdoor is unlearnt too (path-aware minimisation; models without running statistics only, and dropped where an epoch diverges with it; 0, the default: off, as it cost accuracy)")
+    path_radius: float = Field(0.02, ge=0, le=0.5, description="each step's loss is taken this far back towards the original weights, as a share of their norm, so that the way back to the backdoor is unlearnt too (path-aware minimisation; models without running statistics only, and dropped where an epoch diverges with it; 0: off)")
     asr_threshold: float = Field(0.05, ge=0, le=1, description="recovered ASR that counts as erased")
     rounds: int = Field(2, ge=1, le=5, description="unlearning rounds while verification still flags a trigger")
 
