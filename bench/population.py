@@ -108,7 +108,7 @@ def cifar10_population(arch: str) -> list[Victim]:
 
 
 # In training priority order: the cheap Fashion-MNIST models first.
-POPULATION = (fmnist_population("small_cnn") + fmnist_population("small_resnet")
+POPULATION = (fmnist_population("small_cnn") + fmnist_population("small_resnet") + fmnist_population("mlp")
               + cifar10_population("small_cnn") + cifar10_population("small_resnet"))
 
 

@@ -19,9 +19,11 @@ from worker.sanitize.retuning import KINDS, model_kind
 
 MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
 CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS}, screen_scale={kind: 1.0 for kind in KINDS},
-                          scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300)},
+                          scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300),
+                                  "dense": NormalFit(1.0, 1.0, 300)},
                           models={kind: 10 for kind in KINDS}, source="test",
-                          retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30)})
+                          retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30),
+                                    "dense": NormalFit(-1.0, 1.0, 30)})
 
 
 def found(sizes, family=MASK, asr=0.95):
@@ -112,8 +114,9 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
     # (so no screen counts more than its log ratio), candidates' reference ratios twice as much.
     ratios = [(-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0), (1.0, 0.5, 2.0), (1.5, 0.75, 3.0),
               (2.0, 1.0, 0.5)]
-    calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4]}, {"batchnorm": [-1, 0, 1, 3],
-                                  "plain": [-1.0, -0.5]}, models={"batchnorm": 1, "plain": 1}, source="test")
+    calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4], "dense": ratios},
+                                  {"batchnorm": [-1, 0, 1, 3], "plain": [-1.0, -0.5], "dense": [-1.0, 0.0]},
+                                  models={"batchnorm": 1, "plain": 1, "dense": 1}, source="test")
     assert calibration.screen_scale["batchnorm"] == pytest.approx(2.0)
     assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
     # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
@@ -134,7 +137,7 @@ def test_a_kind_without_calibration_models_keeps_its_fit():
               (2.0, 2.0, 0.5)]
     refitted = Calibration.fit({"plain": ratios, "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
                                models={"plain": 2, "batchnorm": 0}, source="test", keep=CALIBRATION)
-    assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10}
+    assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10, "dense": 10}
     assert (refitted.scores["batchnorm"], refitted.retuning["batchnorm"]) == (CALIBRATION.scores["batchnorm"],
                                                                             CALIBRATION.retuning["batchnorm"])
     with pytest.raises(ValueError, match="batchnorm"):
@@ -173,10 +176,10 @@ def test_a_re_tuning_statistic_is_judged_against_as_many_clean_classes_of_its_ki
     assert CALIBRATION.retuning_probability(2.0, 1, "batchnorm") == 0.5
 
 
-def test_a_model_with_running_statistics_is_its_own_kind():
-    assert model_kind(build_model("small_cnn", 10, 1)) == "plain"
-    resnet = build_model("small_resnet", 10, 1)
-    assert model_kind(resnet) == "batchnorm" and model_kind(torch.jit.script(resnet)) == "batchnorm"
+@pytest.mark.parametrize("arch, kind", [("small_resnet", "batchnorm"), ("small_cnn", "plain"), ("mlp", "dense")])
+def test_running_statistics_then_convolutions_set_a_model_kind(arch, kind):
+    model = build_model(arch, 10, 1)
+    assert model_kind(model) == kind and model_kind(torch.jit.script(model)) == kind
 
 
 def test_the_reference_is_measured_only_where_it_can_change_a_verdict():

@@ -6,7 +6,7 @@ import re
 
 # Built-in architectures (architectures.py builds them). backdoorbench:preactresnet18 has
 # BackdoorBench's parameter names (layer1.0.bn1, linear), so its checkpoints load as they are.
-ARCHITECTURE_NAMES = ("small_cnn", "small_resnet", "resnet18", "preact_resnet18", "vgg11", "vgg11_nobn",
+ARCHITECTURE_NAMES = ("small_cnn", "small_resnet", "mlp", "resnet18", "preact_resnet18", "vgg11", "vgg11_nobn",
                       "backdoorbench:preactresnet18")
 # Architectures of a model library, by the library's own name and with its own parameter names:
 # "torchvision:resnet18", "timm:resnet18". Whether the name exists, the worker finds out.

@@ -84,6 +84,24 @@ class SmallCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+@register("mlp")
+class MLP(nn.Module):
+    """Two hidden fully connected layers on the image, resampled to 28 x 28: a classifier with no
+    convolution, whose ordinary classes need smaller triggers than a convolutional model's."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, side: int = 28):
+        super().__init__()
+        self.resample = nn.AdaptiveAvgPool2d(side)
+        self.fc1 = nn.Linear(in_channels * side * side, 256)
+        self.dropout = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        x = self.dropout(F.relu(self.fc1(self.resample(x).flatten(1))))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()

@@ -67,8 +67,8 @@ class RetuningRow(ReportPart):
     reference_asr: float
     statistic: float  # log odds of retuned_asr minus those of reference_asr
     probability: float  # against clean models' unlearnt classes, as many as were checked
-    # The clean models it was judged against: "batchnorm" (models with running statistics) or
-    # "plain"; reports of older versions lack it.
+    # The clean models it was judged against: "batchnorm" (models with running statistics), "plain"
+    # (convolutional) or "dense" (fully connected only); reports of older versions lack it.
     kind: str | None = None
 
 

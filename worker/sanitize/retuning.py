@@ -33,12 +33,18 @@ POISON_SHARE = 0.01  # triggered images, as a share of the clean images (at leas
 EPOCHS, LR, MOMENTUM, BATCH_SIZE = 1, 0.01, 0.9, 128
 
 
-KINDS = ("batchnorm", "plain")
+KINDS = ("batchnorm", "plain", "dense")
 
 
 def model_kind(model) -> str:
-    """"batchnorm" for a model that keeps running statistics (BatchNorm and the like), else "plain"."""
-    return "batchnorm" if any(name.endswith("running_mean") for name, _ in model.named_buffers()) else "plain"
+    """"batchnorm" for a model that keeps running statistics (BatchNorm and the like), else "plain"
+    for one with convolutions (a weight of three or more dimensions), else "dense": fully connected
+    layers only. A dense model's ordinary classes need far smaller triggers than a convolutional
+    one's: the plain models' fit put two clean perceptrons above the suspicious line, and unlearnt
+    one (docs/population.md, twenty-third sitting)."""
+    if any(name.endswith("running_mean") for name, _ in model.named_buffers()):
+        return "batchnorm"
+    return "plain" if any(p.dim() >= 3 for p in model.parameters()) else "dense"
 
 
 @dataclass

@@ -213,7 +213,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
         p.requires_grad_(True)
     anchor = [p.detach().clone() for p in params]
     # On a BatchNorm small ResNet the path step sent every epoch diverging (18 rollbacks, none kept).
-    radius = cfg.path_radius * l2_norm(anchor).item() if model_kind(model) == "plain" else 0.0
+    radius = cfg.path_radius * l2_norm(anchor).item() if model_kind(model) != "batchnorm" else 0.0
     weight = anchor_weight(triggers, cfg)
     fisher = diagonal_fisher(model, params, x_train, y_train) if weight else None
     targets = soft_targets(model, x_train, y_train, num_classes)
