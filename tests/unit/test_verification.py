@@ -152,7 +152,7 @@ def test_the_re_tuning_check_tells_a_dormant_backdoor_from_none():
         F.cross_entropy(backdoored.train()(torch.cat([x[idx], stamp(x[idx])])), torch.cat([y[idx], y[idx]])).backward()
         optimizer.step()
 
-    reference = train_reference(x, y, K, epochs=10, seed=0)
+    reference = train_reference(x, y, K, epochs=10, seed=0, arch="small_cnn")
     dormant = retune(backdoored.eval(), reference, trigger, x, y, x_hold, y_hold, seed=0)
     never_there = retune(clean, reference, trigger, x, y, x_hold, y_hold, seed=0)
     assert dormant.asr <= 0.03 and dormant.retuned_asr > 0.5 and dormant.reference_asr < 0.05

@@ -436,8 +436,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
     # trained on the clean samples alone the first time one does (reference.py): what the data
     # makes easy, it makes easy too.
     t0 = time.perf_counter()
-    reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed)
     kind = model_kind(model)
+    reference = LazyReference(x_train, y_train, num_classes, config.detection.reference_epochs, config.seed, kind)
     detection = detect(model, kind, reference, shape, x_train, y_train, x_hold, y_hold, num_classes, config,
                        calibration, config.seed, lambda f, m: stages.report("recovery", f, m))
     to_unlearn = detection.to_unlearn(config.detection) if detection.flagged else []

@@ -1,10 +1,15 @@
-"""The reference model: a small CNN trained on the defender's clean samples alone.
+"""The reference model: a small model of the uploaded one's family trained on the defender's
+clean samples alone.
 
 Some classes are easy to reach in any model trained on their data (Fashion-MNIST's "bag": a
 dozen bright pixels in the right place flip most images to it). Their triggers are features of
 the data, not implants, and a model that never saw poisoned data responds to them too: it needs
 only a few times more of a natural trigger, and 20 to 270 times more of an implanted
 one, or never flips at all (detection.py, docs/method.md section 3).
+
+What is easy depends on the family, though: a perceptron's ordinary classes flip at a dozen pixels
+that a CNN needs 7 to 40 times more of, so a dense model (retuning.model_kind) is measured against a
+perceptron, and every other one against the small CNN.
 """
 
 import time
@@ -15,12 +20,17 @@ import torch.nn.functional as F
 from .architectures import build_model
 
 
-def train_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int,
+def reference_architecture(kind: str) -> str:
+    """The architecture (architectures.py) of the reference for a model of ``kind``."""
+    return "mlp" if kind == "dense" else "small_cnn"
+
+
+def train_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int, arch: str,
                     batch_size: int = 64, lr: float = 1e-3) -> torch.nn.Module:
-    """A small CNN (architectures.SmallCNN) trained with Adam on (x, y), returned in eval mode
-    with its parameters frozen."""
+    """A model of ``arch`` trained with Adam on (x, y), returned in eval mode with its parameters
+    frozen."""
     torch.manual_seed(seed)
-    model = build_model("small_cnn", num_classes, x.shape[1]).to(x.device)
+    model = build_model(arch, num_classes, x.shape[1]).to(x.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_epochs(model, optimizer, x, y, epochs, batch_size, torch.Generator().manual_seed(seed))
     for p in model.parameters():
@@ -46,8 +56,8 @@ class LazyReference:
     """The reference model, trained on first use: detection needs it only for a class whose log
     ratio alone reaches the suspicious line, and a model without one never pays for it."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int):
-        self.arguments = (x, y, num_classes, epochs, seed)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int, kind: str):
+        self.arguments = (x, y, num_classes, epochs, seed, reference_architecture(kind))
         self.model: torch.nn.Module | None = None
         self.seconds = 0.0  # training time, 0 while untrained
 
