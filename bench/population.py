@@ -254,7 +254,7 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
         classes = sorted(tops, key=tops.get, reverse=True)[:UNLEARNT_CLASSES]
         line = min(tops[c] for c in classes) - 1e-3
         flag_these = Calibration({kind: 1.0 for kind in KINDS}, {kind: 1.0 for kind in KINDS},
-                                 {kind: NormalFit(line, 1e-6, 0) for kind in KINDS},
+                                 {kind: NormalFit(line, 1e-6, 0) for kind in KINDS}, dict.fromkeys(KINDS, 1),
                                  dict.fromkeys(KINDS, 0), "flags the most suspicious classes", never_dormant())
         print(f"unlearning classes {classes} of {victim.key}...", flush=True)
         if victim.dataset not in datasets:
@@ -279,23 +279,20 @@ def collect_scores(cache: Path, limit: int | None = None) -> Path:
 
     victims, datasets = trained(limit, True, cache), {}
     ratios, retuning = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
-    models = dict.fromkeys(KINDS, 0)
     for victim in victims:
         kind, statistics = retuning_statistics(victim, datasets, cache)
-        ratios[kind] += [(s["log_ratio"], s["screen_log_ratio"], s["reference_ratio"])
-                         for s in detection_scores(victim, datasets, cache)["class_scores"]]
+        ratios[kind].append([(s["log_ratio"], s["screen_log_ratio"], s["reference_ratio"])
+                             for s in detection_scores(victim, datasets, cache)["class_scores"]])
         retuning[kind] += statistics
-        models[kind] += 1
-    kept = [kind for kind in KINDS if not models[kind]]
+    kept = [kind for kind in KINDS if not ratios[kind]]
     source = "bench/population.py calibration models: " + ", ".join(v.key for v in victims) + "".join(
         f"; {kind}: kept from the previous calibration" for kind in kept)
-    calibration = Calibration.fit(ratios, retuning, models, source, keep=Calibration.load())
+    calibration = Calibration.fit(ratios, retuning, source, keep=Calibration.load())
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
     print(f"calibration from {len(victims)} clean models, by kind: " + "; ".join(
         f"{kind}{' (kept)' if kind in kept else ''}: {calibration.models[kind]} models, log ratio scale "
         f"{calibration.log_ratio_scale[kind]:.3f}, screen scale {calibration.screen_scale[kind]:.3f}, "
-        f"{calibration.scores[kind].count} class "
-        f"scores, mean {calibration.scores[kind].mean:.3f}, std "
+        f"highest of {calibration.tests[kind]} class scores, mean {calibration.scores[kind].mean:.3f}, std "
         f"{calibration.scores[kind].std:.3f}, re-tuning of {fit.count} unlearnt classes, mean {fit.mean:.3f}, "
         f"std {fit.std:.3f}" for kind, fit in calibration.retuning.items()))
     return CALIBRATION_FILE

@@ -1,5 +1,5 @@
 """Detection: per-family log ratios of the smallest trigger sizes, the reference ratio of triggers
-that a clean reference model follows too, the calibrated probability, and the frozen copy of the
+that a clean reference model follows too (beyond what it needs of the family's median class), the calibrated probability, and the frozen copy of the
 model that measures them."""
 
 import dataclasses
@@ -21,6 +21,7 @@ MASK, BLEND = MaskFamily((1, 8, 8)), BlendFamily((1, 8, 8))
 CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS}, screen_scale={kind: 1.0 for kind in KINDS},
                           scores={"batchnorm": NormalFit(0.5, 2.0, 300), "plain": NormalFit(0.0, 1.0, 300),
                                   "dense": NormalFit(1.0, 1.0, 300)},
+                          tests={kind: 1 for kind in KINDS},  # fits of single class scores
                           models={kind: 10 for kind in KINDS}, source="test",
                           retuning={"batchnorm": NormalFit(2.0, 1.0, 30), "plain": NormalFit(0.0, 1.0, 30),
                                     "dense": NormalFit(-1.0, 1.0, 30)})
@@ -62,18 +63,34 @@ def test_a_trigger_that_does_not_transfer_to_held_out_images_is_not_flagged():
     assert flagged(triggers) == []
 
 
+def reference_needs(triggers, times):
+    for trigger in triggers:
+        trigger.reference_size = times * trigger.size
+
+
 def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
     # A hundred times smaller than the median class, but a reference model that never saw
-    # poisoned data needs only twice as much of it: a feature of the data, scored log 2.
+    # poisoned data needs only twice as much of it beyond what it needs of every class's trigger
+    # (three times): a feature of the data, scored log 2.
     triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
-    triggers[3].reference_size = 0.3  # an implant: the reference needs a hundred times more
+    reference_needs(triggers, 3)
+    triggers[3].reference_size = 0.9  # an implant: the reference needs a hundred times more than of others
     implant = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
-    triggers[3].reference_size = 0.006
+    triggers[3].reference_size = 0.018
     natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert implant[3].score == pytest.approx(math.log(100)) and implant[3].flagged
     assert implant[3].budget_probability == implant[3].probability  # found by its budget, not its screen
     assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
     assert natural[3].log_ratio == implant[3].log_ratio
+
+
+def test_a_model_that_answers_every_trigger_more_readily_than_the_reference_is_not_judged_for_it():
+    # A well-trained model's triggers all need 20 times more on the reference: class 3's too.
+    triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
+    reference_needs(triggers, 20)
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
+    assert scores[3].reference_ratio == pytest.approx(0.0) and scores[3].score == pytest.approx(0.0)
+    assert not scores[3].flagged
 
 
 def test_an_ordinary_class_keeps_its_log_ratio_whatever_the_reference_says():
@@ -104,27 +121,33 @@ def test_a_trigger_found_far_sooner_than_the_others_is_small_though_its_budget_i
     # Its budget alone says nothing unusual: the trigger recovered is not known to be the backdoor's.
     assert scores[3].budget_probability < DetectionConfig().suspicious_probability
     # A clean reference model that finds it as easy caps it, as it caps a small budget.
+    reference_needs(triggers, 1)
     triggers[3].reference_size = 0.6
     natural = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
 
 
-def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_probability():
-    # (log ratio, screen log ratio, reference ratio): screens spread half as much as log ratios
-    # (so no screen counts more than its log ratio), candidates' reference ratios twice as much.
-    ratios = [(-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0), (1.0, 0.5, 2.0), (1.5, 0.75, 3.0),
-              (2.0, 1.0, 0.5)]
-    calibration = Calibration.fit({"batchnorm": ratios, "plain": ratios[:4], "dense": ratios},
+def test_calibration_fits_each_models_highest_score_per_kind_and_turns_scores_into_a_probability():
+    # (log ratio, screen log ratio, reference ratio) of two models' classes: screens spread half as
+    # much as log ratios (so no screen counts more than its log ratio), candidates' reference
+    # ratios twice as much.
+    first, second = [(-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0)], [(1.0, 0.5, 2.0), (1.5, 0.75, 3.0),
+                                                                                  (2.0, 1.0, 0.5)]
+    calibration = Calibration.fit({"batchnorm": [first, second], "plain": [first, second[:1]], "dense": [first, second]},
                                   {"batchnorm": [-1, 0, 1, 3], "plain": [-1.0, -0.5], "dense": [-1.0, 0.0]},
-                                  models={"batchnorm": 1, "plain": 1, "dense": 1}, source="test")
+                                  source="test")
     assert calibration.screen_scale["batchnorm"] == pytest.approx(2.0)
     assert calibration.log_ratio_scale["batchnorm"] == pytest.approx(2.0)
-    # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1, 2, 3, 0.5.
-    spread = math.sqrt((0.25 ** 2 + 1.25 ** 2 + 2.25 ** 2) / 3)
-    assert calibration.scores["batchnorm"] == NormalFit(0.75, pytest.approx(spread), 6)
+    # Scores: the log ratio twice, or the reference ratio where smaller: -2, -1, 1 and 2, 3, 0.5;
+    # the models' highest, 1 and 3, fitted by the median and the spread above it.
+    assert calibration.scores["batchnorm"] == NormalFit(2.0, pytest.approx(1.0), 2)
+    assert (calibration.tests["batchnorm"], calibration.models["batchnorm"]) == (3, 2)
     assert calibration.retuning["batchnorm"] == NormalFit(0.5, pytest.approx(math.sqrt((0.25 + 6.25) / 2)), 4)
     assert calibration.retuning["plain"] == NormalFit(-0.75, 0.25, 2)
-    # More tests per model make the same score less surprising.
+    # Judged as a model of as many tests, a score is as likely as the fit says; more tests per
+    # model make the same score less surprising.
+    assert calibration.probability(2.0, 3, "batchnorm") == pytest.approx(0.5)
+    assert calibration.probability(2.0, 30, "batchnorm") < calibration.probability(2.0, 3, "batchnorm")
     assert CALIBRATION.probability(3.0, 1, "plain") > CALIBRATION.probability(3.0, 30, "plain")
     assert CALIBRATION.probability(-5.0, 30, "plain") < 1e-6 and CALIBRATION.probability(8.0, 30, "plain") > 0.999
     for kind in KINDS:
@@ -133,15 +156,16 @@ def test_calibration_fits_the_upper_half_per_model_kind_and_turns_scores_into_a_
 
 
 def test_a_kind_without_calibration_models_keeps_its_fit():
-    ratios = [(-1.0, -1.0, None), (-0.5, -0.5, None), (0.5, 0.5, 1.0), (1.0, 1.0, 2.0), (1.5, 1.5, 3.0),
-              (2.0, 2.0, 0.5)]
-    refitted = Calibration.fit({"plain": ratios, "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
-                               models={"plain": 2, "batchnorm": 0}, source="test", keep=CALIBRATION)
+    model = [(-1.0, -1.0, None), (-0.5, -0.5, None), (0.5, 0.5, 1.0), (1.0, 1.0, 2.0), (1.5, 1.5, 3.0), (2.0, 2.0, 0.5)]
+    refitted = Calibration.fit({"plain": [model, model[:3]], "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
+                               source="test", keep=CALIBRATION)
     assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10, "dense": 10}
-    assert (refitted.scores["batchnorm"], refitted.retuning["batchnorm"]) == (CALIBRATION.scores["batchnorm"],
-                                                                            CALIBRATION.retuning["batchnorm"])
+    assert (refitted.scores["batchnorm"], refitted.tests["batchnorm"], refitted.retuning["batchnorm"]) == (
+        CALIBRATION.scores["batchnorm"], CALIBRATION.tests["batchnorm"], CALIBRATION.retuning["batchnorm"])
     with pytest.raises(ValueError, match="batchnorm"):
-        Calibration.fit({"plain": ratios}, {"plain": [-1.0]}, models={"plain": 2}, source="test")
+        Calibration.fit({"plain": [model, model[:3]]}, {"plain": [-1.0]}, source="test")
+    with pytest.raises(ValueError, match="one calibration model of kind plain"):
+        Calibration.fit({"plain": [model]}, {"plain": [-1.0]}, source="test", keep=CALIBRATION)
 
 
 def test_a_class_that_re_learns_faster_than_the_reference_is_dormant_whatever_clean_models_do():
@@ -248,11 +272,13 @@ def test_a_further_round_takes_only_the_classes_flagged_by_their_budget():
 
 
 def test_a_trigger_found_after_unlearning_is_judged_as_on_the_model_as_uploaded():
-    sizes = [0.3, 0.35, 0.28, 0.3, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3]
-    # As small on the uploaded model as after unlearning, 60 times smaller than on the reference.
-    missed = uploaded_probability(sizes, 3, 0.005, 0.3, CALIBRATION, "plain", 20)
+    family = found([0.3, 0.35, 0.28, 0.3, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])
+    reference_needs(family, 2)  # the first detection's reference sizes: twice every class's
+    # As small on the uploaded model as after unlearning, 60 times smaller than on the reference
+    # (30 times beyond the family's median).
+    missed = uploaded_probability(family, 3, 0.005, 0.3, CALIBRATION, "plain", 20)
     # On the uploaded model it needs what the reference needs: unlearning made it.
-    made = uploaded_probability(sizes, 3, 0.3, 0.3, CALIBRATION, "plain", 20)
+    made = uploaded_probability(family, 3, 0.3, 0.3, CALIBRATION, "plain", 20)
     assert missed > 0.99 and made < 0.01
 
 

@@ -49,12 +49,12 @@ def test_cached_scores_are_judged_at_the_calibrations_scales():
               {"class": 5, "log_ratio": 0.8, "screen_log_ratio": 0.0, "reference_ratio": None, "score": 0.8},
               {"class": 7, "log_ratio": 0.1, "screen_log_ratio": 1.2, "reference_ratio": None, "score": 1.2}]
     fit = {kind: NormalFit(0.0, 0.5, 10) for kind in ("plain", "batchnorm")}
-    models = {"plain": 1, "batchnorm": 1}
-    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 0.5, "batchnorm": 1.0}, fit, models, "test", fit)
+    tests, models = {"plain": 1, "batchnorm": 1}, {"plain": 1, "batchnorm": 1}
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 0.5, "batchnorm": 1.0}, fit, tests, models, "test", fit)
     top, probability = most_suspicious(cached, calibration, "plain")
     assert (top["class"], top["score"]) == (5, 1.6)
     assert probability == calibration.probability(1.6, 3, "plain")
     # Where screens spread as little as log ratios, class 7's screen counts 1.2, twice: 2.4.
-    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 1.0, "batchnorm": 1.0}, fit, models, "test", fit)
+    calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 1.0, "batchnorm": 1.0}, fit, tests, models, "test", fit)
     top, _ = most_suspicious(cached, calibration, "plain")
     assert (top["class"], top["score"]) == (7, 2.4)

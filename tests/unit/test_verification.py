@@ -28,7 +28,7 @@ K, SIDE, TARGET = 6, 12, 2
 # Fashion-MNIST and CIFAR-10 models, not on six toy classes.
 TOY_CALIBRATION = Calibration(log_ratio_scale={kind: 1.0 for kind in KINDS}, screen_scale={kind: 1.0 for kind in KINDS},
                               scores={kind: NormalFit(0.0, 0.5, 0) for kind in KINDS},
-                              models={kind: 0 for kind in KINDS}, source="toy",
+                              tests={kind: 1 for kind in KINDS}, models={kind: 0 for kind in KINDS}, source="toy",
                               retuning={kind: NormalFit(1.0, 1.0, 0) for kind in KINDS})
 SMALL = {"recovery": {"screen_steps": 20, "refine_steps": 60, "generator_steps": 20, "families": ["mask", "blend"]},
          "unlearning": {"epochs": 3}}

@@ -3,9 +3,9 @@ hand-set floors. A class's score is the smaller of how small its trigger is amon
 classes (the larger of its log ratio, how much smaller its budget is than the median class's, and
 its screen log ratio, the same of the size its search held after the first round), scaled to the
 reference ratio's spread, and its reference ratio (how much more of the same trigger a reference
-model trained on the clean samples alone needs); ``calibration.json``, fitted per model kind on
-clean calibration models only, sets the scales and turns the highest score into
-``backdoor_probability``.
+model trained on the clean samples alone needs, beyond what the family's median class needs);
+``calibration.json``, fitted per model kind on clean calibration models only, sets the scales and
+turns the highest score into ``backdoor_probability``.
 docs/method.md, section 3, explains each part and the measurements behind it.
 """
 
@@ -38,7 +38,7 @@ class NormalFit:
         """Chance that one clean value is below ``value``."""
         return normal_cdf(value, self.mean, self.std)
 
-    def at(self, probability: float, tests: int) -> float:
+    def at(self, probability: float, tests: float) -> float:
         """The value that all of ``tests`` clean values stay below with ``probability``."""
         return self.mean + self.std * statistics.NormalDist().inv_cdf(probability ** (1 / tests))
 
@@ -54,7 +54,11 @@ class Calibration:
     # How much more clean classes' log ratios vary than their screen log ratios: the screen log
     # ratio is counted in log-ratio units (``smallness``).
     screen_scale: dict[str, float]
-    scores: dict[str, NormalFit]  # the class scores of clean calibration models
+    # The highest class score of each clean calibration model: a model is judged as a whole, as
+    # clean models are, and a line fitted on every class score apart put 2 of the 5 perceptrons it
+    # was fitted on over it (their ordinary classes' high scores come together, not one in 30).
+    scores: dict[str, NormalFit]
+    tests: dict[str, int]  # class scores (classes x families) of each of those models
     models: dict[str, int]  # clean calibration models of each kind it was fitted on
     source: str
     # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
@@ -67,44 +71,51 @@ class Calibration:
         return cls(**{**fields, **fits})
 
     @classmethod
-    def fit(cls, ratios: dict[str, list[tuple[float, float, float | None]]], retuning: dict[str, list[float]],
-            models: dict[str, int], source: str, keep: "Calibration | None" = None) -> "Calibration":
-        """ratios[kind]: (log ratio, screen log ratio, reference ratio) of every class and family of
-        the kind's clean calibration models; retuning[kind]: their re-tuning statistics. A kind with
-        no models keeps ``keep``'s fits: one kind can be refitted without training the other's
-        models again."""
-        unfitted = [kind for kind in KINDS if not models.get(kind)]
+    def fit(cls, ratios: dict[str, list[list[tuple[float, float, float | None]]]], retuning: dict[str, list[float]],
+            source: str, keep: "Calibration | None" = None) -> "Calibration":
+        """ratios[kind]: for each of the kind's clean calibration models, the (log ratio, screen log
+        ratio, reference ratio) of its every class and family; retuning[kind]: their re-tuning
+        statistics. A kind with no models keeps ``keep``'s fits: one kind can be refitted without
+        training the other's models again."""
+        unfitted = [kind for kind in KINDS if not ratios.get(kind)]
         if unfitted and keep is None:
             raise ValueError(f"no calibration models of kind {', '.join(unfitted)}, and no fit to keep")
-        scales, screen_scales, scores, retunings, counts = {}, {}, {}, {}, {}
+        few = [kind for kind in KINDS if kind not in unfitted and len(ratios[kind]) < 2]
+        if few:  # the spread of the models' highest scores needs two of them at least
+            raise ValueError(f"one calibration model of kind {', '.join(few)}: a fit needs two or more")
+        fits = {name: {} for name in ("log_ratio_scale", "screen_scale", "scores", "tests", "models", "retuning")}
         for kind in KINDS:  # in this order, so that calibration.json's keys keep theirs
             if kind in unfitted:
-                scales[kind], screen_scales[kind] = keep.log_ratio_scale[kind], keep.screen_scale[kind]
-                scores[kind], retunings[kind], counts[kind] = keep.scores[kind], keep.retuning[kind], keep.models[kind]
-            else:
-                screen_scales[kind] = (upper_normal([lr for lr, _, _ in ratios[kind]])[1]
-                                       / upper_normal([slr for _, slr, _ in ratios[kind]])[1])
-                scales[kind] = log_ratio_scale([(smallness(lr, slr, screen_scales[kind]), rr)
-                                                for lr, slr, rr in ratios[kind]])
-                scores[kind] = NormalFit.of([class_score(smallness(lr, slr, screen_scales[kind]), rr, scales[kind])
-                                             for lr, slr, rr in ratios[kind]])
-                retunings[kind], counts[kind] = NormalFit.of(retuning[kind]), models[kind]
-        return cls(scales, screen_scales, scores, counts, source, retunings)
+                for name, fit in fits.items():
+                    fit[kind] = getattr(keep, name)[kind]
+                continue
+            models = ratios[kind]
+            every = [triple for model in models for triple in model]
+            screen_scale = (upper_normal([lr for lr, _, _ in every])[1] / upper_normal([slr for _, slr, _ in every])[1])
+            scale = log_ratio_scale([(smallness(lr, slr, screen_scale), rr) for lr, slr, rr in every])
+            fits["screen_scale"][kind], fits["log_ratio_scale"][kind] = screen_scale, scale
+            fits["scores"][kind] = NormalFit.of([max(class_score(smallness(lr, slr, screen_scale), rr, scale)
+                                                     for lr, slr, rr in model) for model in models])
+            fits["tests"][kind] = round(statistics.fmean(len(model) for model in models))
+            fits["models"][kind], fits["retuning"][kind] = len(models), NormalFit.of(retuning[kind])
+        return cls(**fits, source=source)
 
     @classmethod
     def scores_only(cls) -> "Calibration":
         """A calibration under which nothing is ever flagged, and nothing re-tuned counts as
         dormant: for collecting the calibration models' own scores."""
         return cls({kind: 1.0 for kind in KINDS}, {kind: 1.0 for kind in KINDS}, never_dormant(),
-                   {kind: 0 for kind in KINDS}, "scores only", never_dormant())
+                   dict.fromkeys(KINDS, 1), dict.fromkeys(KINDS, 0), "scores only", never_dormant())
 
     @property
     def collects_scores(self) -> bool:
         return all(math.isinf(fit.mean) for fit in self.scores.values())
 
     def probability(self, score: float, tests: int, kind: str) -> float:
-        """Chance that a clean model of this kind with ``tests`` scores shows none as high as this one."""
-        return self.scores[kind].below(score) ** tests
+        """Chance that a clean model of this kind with ``tests`` scores shows none as high as this
+        one: its highest of ``self.tests`` scores stays below it, once or, for fewer or more
+        tests, that fraction or multiple of a time."""
+        return self.scores[kind].below(score) ** (tests / self.tests[kind])
 
     def retuning_probability(self, statistic: float, tests: int, kind: str) -> float:
         """Chance that ``tests`` unlearnt classes of clean models of this kind all re-tune less than this."""
@@ -112,7 +123,7 @@ class Calibration:
 
     def score_for(self, probability: float, tests: int, kind: str) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
-        return self.scores[kind].at(probability, tests)
+        return self.scores[kind].at(probability, tests / self.tests[kind])
 
     def dormancy_line(self, probability: float, tests: int, kind: str) -> float:
         """The re-tuning statistic above which ``tests`` unlearnt classes count as dormant: above
@@ -150,7 +161,7 @@ class ClassScore:
     log_ratio: float  # log(median class's size / this size), in its family
     screen_log_ratio: float  # the same of the screen sizes
     transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
-    reference_ratio: float | None  # log(its budget on the reference / its budget here); None: not a candidate
+    reference_ratio: float | None  # reference_ratios: its budget ratio beyond the family's median; None: not measured
     score: float  # class_score: what the calibration judges
     asr: float  # held-out
     shifted_asr: float | None  # None: not a candidate
@@ -172,11 +183,27 @@ def log_ratios(sizes: list[float]) -> list[float]:
     return [median - v for v in logs]
 
 
-def reference_ratio(trigger: FoundTrigger) -> float | None:
-    """log(budget on the reference / budget on the model), where the reference was measured."""
-    if trigger.reference_size is None:
-        return None
-    return math.log(max(trigger.reference_size, 1e-6) / max(trigger.size, 1e-6))
+def budget_ratio(reference_size: float, size: float) -> float:
+    """log(budget on the reference / budget on the model)."""
+    return math.log(max(reference_size, 1e-6) / max(size, 1e-6))
+
+
+def reference_offset(found: list[FoundTrigger]) -> float:
+    """The median class's budget ratio in one family (0 where none was measured): how much more of
+    any of the model's triggers the reference needs. The longer a model was trained, the more
+    readily it answers its own triggers, every class alike: the clean perceptrons' median mask
+    needed 0.9 to 1.2 times its budget on the reference after 20,000 images x 2 epochs, 1.6 to 2.6
+    after the whole set x 4, 2.4 to 3.1 x 8, and counted against the reference as it was, their
+    ordinary classes scored the higher the longer they were trained (docs/population.md,
+    twenty-fourth sitting)."""
+    measured = [budget_ratio(t.reference_size, t.size) for t in found if t.reference_size is not None]
+    return statistics.median(measured) if measured else 0.0
+
+
+def reference_ratios(found: list[FoundTrigger]) -> list[float | None]:
+    """Each class's budget ratio beyond its family's median (``reference_offset``), where measured."""
+    offset = reference_offset(found)
+    return [None if t.reference_size is None else budget_ratio(t.reference_size, t.size) - offset for t in found]
 
 
 def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int, kind: str) -> float:
@@ -223,8 +250,8 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     scores = []
     for found in per_family:
         screen_ratios = log_ratios([t.screen_size for t in found])
-        for trigger, log_ratio, screen_ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios):
-            ratio = reference_ratio(trigger)
+        for trigger, log_ratio, screen_ratio, ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios,
+                                                           reference_ratios(found)):
             small = smallness(log_ratio, screen_ratio, calibration.screen_scale[kind])
             score = class_score(small, ratio, calibration.log_ratio_scale[kind])
             probability = calibration.probability(score, tests, kind)
@@ -240,16 +267,17 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
     return sorted(scores, key=lambda s: -s.score)
 
 
-def uploaded_probability(family_sizes: list[float], target: int, uploaded_size: float,
+def uploaded_probability(family: list[FoundTrigger], target: int, uploaded_size: float,
                          reference_size: float | None, calibration: Calibration, kind: str, tests: int) -> float:
     """The budget probability that a trigger found after unlearning would have had in the first
-    detection, on the model as uploaded: its budget there (``uploaded_size``) among the uploaded
-    model's own sizes of its family (``family_sizes``, one per class, the class's own replaced),
-    and against the reference's budget. A backdoor the first detection missed is as small on the
-    uploaded model; a weakness that unlearning made is not."""
-    sizes = list(family_sizes)
+    detection, on the model as uploaded: its budget there (``uploaded_size``) among the sizes of
+    its family that the first detection found on the uploaded model (``family``, one per class, the
+    class's own replaced), and against the reference's budget beyond that family's median. A
+    backdoor the first detection missed is as small on the uploaded model; a weakness that
+    unlearning made is not."""
+    sizes = [t.size for t in family]
     sizes[target] = uploaded_size
-    ratio = None if reference_size is None else math.log(max(reference_size, 1e-6) / max(uploaded_size, 1e-6))
+    ratio = None if reference_size is None else budget_ratio(reference_size, uploaded_size) - reference_offset(family)
     score = class_score(log_ratios(sizes)[target], ratio, calibration.log_ratio_scale[kind])
     return calibration.probability(score, tests, kind)
 

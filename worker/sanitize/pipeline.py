@@ -212,12 +212,12 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
            config: SanitizeConfig, calibration: Calibration, seed: int,
            on_progress: Callable[[float, str], None]) -> Detection:
     """Searches every class's smallest trigger in every family, measures them on the held-out
-    split and the candidates on the reference model, and scores them against the calibration
-    of the model's kind (retuning.KINDS)."""
+    split and, if any class is a candidate, every one on the reference model, and scores them
+    against the calibration of the model's kind (retuning.KINDS)."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
     line = reference_line(calibration, config.detection, len(families), kind)
-    measured, measured_reference = for_inference(model, x_hold[:8]), None
-    per_family = []
+    measured = for_inference(model, x_hold[:8])
+    per_family, candidates = [], []
     for i, family in enumerate(families):
         def on_step(step, total, i=i, family=family):
             on_progress((i + step / total) / len(families), f"{family.name} triggers, step {step}/{total}")
@@ -227,18 +227,21 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
             trigger.asr = held_out_asr(measured, trigger, x_hold, y_hold)
             trigger.size = budget(measured, trigger, x_hold, y_hold, config.detection.budget_asr)
         screen_ratios = log_ratios([t.screen_size for t in found])
-        for trigger, log_ratio, screen_ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios):
-            # A candidate: is it as small for a clean model of the data?
-            if smallness(log_ratio, screen_ratio, calibration.screen_scale[kind]) > line:
-                if measured_reference is None:
-                    if reference.model is None:
-                        on_progress(i / len(families), "training the reference model on the clean samples")
-                    measured_reference = for_inference(reference.get(), x_hold[:8])
-                trigger.reference_size = budget(measured_reference, trigger, x_hold, y_hold,
-                                                config.detection.budget_asr)
-                trigger.transfer_asr = held_out_asr(measured_reference, trigger, x_hold, y_hold)
-                trigger.shifted_asr = held_out_asr(measured, trigger, x_hold, y_hold, shift=1)
+        # A candidate: is it as small for a clean model of the data?
+        candidates += [trigger for trigger, log_ratio, screen_ratio
+                       in zip(found, log_ratios([t.size for t in found]), screen_ratios)
+                       if smallness(log_ratio, screen_ratio, calibration.screen_scale[kind]) > line]
         per_family.append(found)
+    if candidates:
+        # Every class, not the candidates alone: a candidate's ratio counts beyond its family's
+        # median class's (detection.reference_offset).
+        on_progress(1.0, "measuring the triggers on the reference model, trained on the clean samples")
+        measured_reference = for_inference(reference.get(), x_hold[:8])
+        for trigger in (t for found in per_family for t in found):
+            trigger.reference_size = budget(measured_reference, trigger, x_hold, y_hold, config.detection.budget_asr)
+        for trigger in candidates:
+            trigger.transfer_asr = held_out_asr(measured_reference, trigger, x_hold, y_hold)
+            trigger.shifted_asr = held_out_asr(measured, trigger, x_hold, y_hold, shift=1)
     scores = score_classes(per_family, calibration, config.detection, kind)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
     return Detection(found, scores, backdoor_probability(scores))
@@ -263,9 +266,9 @@ def split_side_effects(scores: list[ClassScore], unlearnt: set[int], verificatio
         if measured is None:
             measured = for_inference(uploaded, x_hold[:8])
         trigger = verification.found[(score.target, score.family)]
-        sizes = [t.size for (_, family), t in sorted(detection.found.items()) if family == score.family]
+        family = [t for (_, name), t in sorted(detection.found.items()) if name == score.family]
         size = budget(measured, trigger, x_hold, y_hold, cfg.budget_asr)
-        if uploaded_probability(sizes, score.target, size, trigger.reference_size, calibration, kind,
+        if uploaded_probability(family, score.target, size, trigger.reference_size, calibration, kind,
                                 len(detection.scores)) >= line:
             there_before.add(score.target)
     side_effects = sorted({score.target for score in scores} - there_before)
