@@ -208,15 +208,19 @@ def test_running_statistics_then_convolutions_set_a_model_kind(arch, kind):
 
 def test_the_reference_is_measured_only_where_it_can_change_a_verdict():
     cfg = DetectionConfig(suspicious_probability=0.8, flag_probability=0.99)
-    line = reference_line(CALIBRATION, cfg, tests=30, kind="plain")
-    # A class scored by its log ratio alone just under the line is neither suspicious nor flagged.
+    line = reference_line(CALIBRATION, cfg, families=3, tests=30, kind="plain")
+    # A class scored by its log ratio alone just under the line is not suspicious, nor flagged as
+    # one of a flagged class's three families: the suspicious line of 30 tests is the lower here.
     assert math.isclose(CALIBRATION.probability(line, 30, "plain"), 0.8, rel_tol=1e-6)
-    # A flagging line under the suspicious one is the line.
+    assert CALIBRATION.probability(line, 3, "plain") < 0.99
+    # With a flagging line under the suspicious one, a flagged class's other families are judged
+    # at the lowest line: that is the line.
     lower_flag = DetectionConfig(suspicious_probability=0.95, flag_probability=0.9)
-    lower = reference_line(CALIBRATION, lower_flag, 30, "plain")
-    assert math.isclose(CALIBRATION.probability(lower, 30, "plain"), 0.9, rel_tol=1e-6)
+    lower = reference_line(CALIBRATION, lower_flag, 3, 30, "plain")
+    assert math.isclose(CALIBRATION.probability(lower, 3, "plain"), 0.9, rel_tol=1e-6)
+    assert CALIBRATION.probability(lower, 30, "plain") < 0.9
     # Collecting the calibration's own scores measures every candidate.
-    assert reference_line(Calibration.scores_only(), cfg, tests=30, kind="plain") == 0.0
+    assert reference_line(Calibration.scores_only(), cfg, families=3, tests=30, kind="plain") == 0.0
 
 
 def test_the_shipped_calibration_comes_from_clean_models():

@@ -206,17 +206,22 @@ def reference_ratios(found: list[FoundTrigger]) -> list[float | None]:
     return [None if t.reference_size is None else budget_ratio(t.reference_size, t.size) - offset for t in found]
 
 
-def reference_line(calibration: Calibration, cfg: DetectionConfig, tests: int, kind: str) -> float:
-    """The smallness above which a class's reference ratio is measured, for scores judged as
-    ``tests`` tests: the pipeline passes the number of families, the lowest line any decision uses
-    (a flagged class's other families, ``class_probability``). A class's score is at most its scaled
-    smallness, so below the suspicious line (or the flagging line, if lower) the reference cannot
-    change a verdict, and the scaled smallness stands as its score. Collecting the calibration's
-    own scores measures every candidate (smallness > 0): the fit needs true scores."""
+def reference_line(calibration: Calibration, cfg: DetectionConfig, families: int, tests: int, kind: str) -> float:
+    """The smallness above which the reference model is needed, on a model with ``families`` trigger
+    families and ``tests`` scores: the lowest line any decision uses, the flagging line of a
+    flagged class's other families (judged as ``families`` tests, ``class_probability``) or the
+    suspicious or flagging line of the model's scores (``probability``, ``budget_probability``). A
+    class's score is at most its scaled smallness, so below that line the reference cannot change a
+    verdict, and the scaled smallness stands as its score. Judged as one class's families, the
+    suspicious line is no decision's: taken as the line, it put nearly every model's ordinary
+    classes above it and trained the reference for nearly every clean model (twenty-fourth
+    sitting). Collecting the calibration's own scores measures every candidate (smallness > 0):
+    the fit needs true scores."""
     if calibration.collects_scores:
         return 0.0
-    probability = min(cfg.suspicious_probability, cfg.flag_probability)
-    return max(0.0, calibration.score_for(probability, tests, kind) / calibration.log_ratio_scale[kind])
+    lines = [calibration.score_for(cfg.flag_probability, families, kind),
+             calibration.score_for(min(cfg.suspicious_probability, cfg.flag_probability), tests, kind)]
+    return max(0.0, min(lines) / calibration.log_ratio_scale[kind])
 
 
 def smallness(log_ratio: float, screen_log_ratio: float, screen_scale: float) -> float:

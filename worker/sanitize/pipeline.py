@@ -215,7 +215,7 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
     split and, if any class is a candidate, every one on the reference model, and scores them
     against the calibration of the model's kind (retuning.KINDS)."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
-    line = reference_line(calibration, config.detection, len(families), kind)
+    line = reference_line(calibration, config.detection, len(families), len(families) * num_classes, kind)
     measured = for_inference(model, x_hold[:8])
     per_family, candidates = [], []
     for i, family in enumerate(families):
