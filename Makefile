@@ -17,5 +17,7 @@ services:  ## start PostgreSQL and Redis if they are down
 demo: setup  ## backdoor a small Fashion-MNIST model, then sanitize it into demo-out/
 	$(PYTHON) -m bench.demo --out demo-out
 
+# Two processes, one thread each (two cores): the engine's tests run beside the service's, which
+# mostly wait on servers and workers; tests/conftest.py orders the slow ones first.
 test: setup services  ## the whole test suite
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder

@@ -41,3 +41,10 @@ def backdoored_case(tmp_path_factory) -> Case:
 @pytest.fixture(scope="session")
 def clean_case(tmp_path_factory) -> Case:
     return build_case(tmp_path_factory.mktemp("clean"), None)
+
+
+def pytest_collection_modifyitems(items):
+    # `make test` spreads the tests over two processes (pytest-xdist, --dist loadgroup, in this
+    # order): the slow ones first, each model's tests in one process (xdist_group), so that they
+    # run beside the quick ones rather than alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

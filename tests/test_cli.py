@@ -20,6 +20,7 @@ def baerase(*args, timeout=900):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("backdoored_case")
 def test_backdoor_is_found_and_erased_and_the_verdict_follows_the_re_tuning_check(backdoored_case, tmp_path):
     out = tmp_path / "out"
     run = baerase("sanitize", backdoored_case.model, "--samples", backdoored_case.samples, "--out", out)
@@ -56,6 +57,7 @@ def test_backdoor_is_found_and_erased_and_the_verdict_follows_the_re_tuning_chec
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("clean_case")
 def test_clean_model_is_returned_untouched(clean_case, tmp_path):
     out = tmp_path / "out"
     run = baerase("sanitize", clean_case.model, "--samples", clean_case.samples, "--out", out, "--quiet")
@@ -112,6 +114,7 @@ def bad_input_cases(case, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("clean_case")
 def test_every_bad_input_gets_one_clear_line(clean_case, tmp_path):
     for args, message in bad_input_cases(clean_case, tmp_path):
         run = baerase("sanitize", *args, "--out", tmp_path / "out", "--quiet")

@@ -66,7 +66,8 @@ def test_the_client_commands_run_against_the_live_server(client_venv, server, fi
     assert run_in(client_venv, baerase, "--version").stdout.startswith("baerase ")
     status = run_in(client_venv, baerase, "status", finished_job.id, server_url=server.url)
     assert status.returncode == 0 and "succeeded" in status.stdout, status.stderr
-    jobs = run_in(client_venv, baerase, "jobs", "--limit", 5, server_url=server.url)
+    # Other tests add jobs to this server: the finished one is among the latest 100, not 5.
+    jobs = run_in(client_venv, baerase, "jobs", "--limit", 100, server_url=server.url)
     assert jobs.returncode == 0 and finished_job.id in jobs.stdout, jobs.stderr
     download = run_in(client_venv, baerase, "download", finished_job.id, "--out", tmp_path, server_url=server.url)
     assert download.returncode == 0 and (tmp_path / "report.json").exists(), download.stderr
