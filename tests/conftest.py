@@ -44,7 +44,7 @@ def clean_case(tmp_path_factory) -> Case:
 
 
 def pytest_collection_modifyitems(items):
-    # `make test` spreads the tests over two processes (pytest-xdist, --dist loadgroup, in this
-    # order): the slow ones first, each model's tests in one process (xdist_group), so that they
-    # run beside the quick ones rather than alone at the end.
+    # `make test` spreads the tests over two processes in this order (pytest-xdist, --dist
+    # loadgroup --no-loadscope-reorder): the slow ones first, each trained model's tests in one
+    # process (xdist_group), so that they run beside the quick ones rather than alone at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
