@@ -86,11 +86,31 @@ def test_a_trigger_that_a_clean_reference_model_follows_too_is_natural():
 
 def test_a_model_that_answers_every_trigger_more_readily_than_the_reference_is_not_judged_for_it():
     # A well-trained model's triggers all need 20 times more on the reference: class 3's too.
-    triggers = found([0.3, 0.35, 0.28, 0.003, 0.4, 0.3, 0.31, 0.29, 0.36, 0.3])
+    triggers = found([0.03, 0.035, 0.028, 0.0003, 0.04, 0.03, 0.031, 0.029, 0.036, 0.03])
     reference_needs(triggers, 20)
     scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
     assert scores[3].reference_ratio == pytest.approx(0.0) and scores[3].score == pytest.approx(0.0)
     assert not scores[3].flagged
+
+
+def test_a_ratio_counts_beyond_the_other_classes_the_reference_follows():
+    # A BadNets model's masks: the reference follows four of them (the bag's and the shirt's at the
+    # model's own budget, the trouser's at 8 times it, the target's at 160 times) and none of the
+    # rest at any size. Those six budgets are the family's whole, a floor, not a ratio: counted as
+    # ratios they would set the median above the trouser's and take 3 from the target's.
+    triggers = found([0.05, 0.047, 0.04, 0.046, 0.056, 0.001, 0.046, 0.06, 0.013, 0.056])
+    for trigger in triggers:
+        trigger.reference_size = MASK.whole
+    for target, times in ((1, 8), (5, 160), (6, 1), (8, 1)):
+        triggers[target].reference_size = times * triggers[target].size
+    scores = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
+    assert scores[5].reference_ratio == pytest.approx(math.log(160)) and scores[5].flagged  # the others: 8, 1, 1
+    assert scores[8].reference_ratio == pytest.approx(-math.log(8)) and not scores[8].flagged  # 8, 160, 1
+    # Where the reference follows the target's trigger alone, its ratio stands as it is.
+    for target in (1, 6, 8):
+        triggers[target].reference_size = MASK.whole
+    alone = {s.target: s for s in score_classes([triggers], CALIBRATION, DetectionConfig(), "plain")}
+    assert alone[5].reference_ratio == pytest.approx(math.log(160)) and alone[5].flagged
 
 
 def test_an_ordinary_class_keeps_its_log_ratio_whatever_the_reference_says():

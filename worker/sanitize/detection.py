@@ -3,7 +3,7 @@ hand-set floors. A class's score is the smaller of how small its trigger is amon
 classes (the larger of its log ratio, how much smaller its budget is than the median class's, and
 its screen log ratio, the same of the size its search held after the first round), scaled to the
 reference ratio's spread, and its reference ratio (how much more of the same trigger a reference
-model trained on the clean samples alone needs, beyond what the family's median class needs);
+model trained on the clean samples alone needs, beyond what it needs of the other classes' it follows);
 ``calibration.json``, fitted per model kind on clean calibration models only, sets the scales and
 turns the highest score into ``backdoor_probability``.
 docs/method.md, section 3, explains each part and the measurements behind it.
@@ -161,7 +161,7 @@ class ClassScore:
     log_ratio: float  # log(median class's size / this size), in its family
     screen_log_ratio: float  # the same of the screen sizes
     transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
-    reference_ratio: float | None  # reference_ratios: its budget ratio beyond the family's median; None: not measured
+    reference_ratio: float | None  # reference_ratios: its budget ratio beyond the other classes' (reference_offset); None: not measured
     score: float  # class_score: what the calibration judges
     asr: float  # held-out
     shifted_asr: float | None  # None: not a candidate
@@ -188,22 +188,33 @@ def budget_ratio(reference_size: float, size: float) -> float:
     return math.log(max(reference_size, 1e-6) / max(size, 1e-6))
 
 
-def reference_offset(found: list[FoundTrigger]) -> float:
-    """The median class's budget ratio in one family (0 where none was measured): how much more of
-    any of the model's triggers the reference needs. The longer a model was trained, the more
-    readily it answers its own triggers, every class alike: the clean perceptrons' median mask
-    needed 0.9 to 1.2 times its budget on the reference after 20,000 images x 2 epochs, 1.6 to 2.6
-    after the whole set x 4, 2.4 to 3.1 x 8, and counted against the reference as it was, their
+def reference_offset(found: list[FoundTrigger], own: int) -> float:
+    """The median budget ratio, in one family, of the other classes whose trigger the reference
+    follows at all (0 where it follows none): how much more of any of the model's triggers the
+    reference needs, against which class ``own``'s ratio counts. The longer a model was trained,
+    the more readily it answers its own triggers, every class alike: the clean perceptrons' median
+    mask needed 0.9 to 1.2 times its budget on the reference after 20,000 images x 2 epochs, 1.6 to
+    2.6 after the whole set x 4, 2.4 to 3.1 x 8, and counted against the reference as it was, their
     ordinary classes scored the higher the longer they were trained (docs/population.md,
-    twenty-fourth sitting)."""
-    measured = [budget_ratio(t.reference_size, t.size) for t in found if t.reference_size is not None]
+    twenty-fourth sitting).
+
+    A trigger the reference never follows has no ratio, only a floor (its budget there is the
+    family's whole): counted as ratios, the floors of a BadNets small CNN's six masks set the
+    median above its target's (the reference needed 11 times more of the target's trigger), and
+    the model, its backdoor at 89% attack success, came out clean. The class's own ratio is left
+    out: where the reference follows the target's trigger alone (a Blended ResNet's blend factor,
+    15 times more on the reference), it would be its own median (docs/population.md, twenty-sixth
+    sitting)."""
+    measured = [budget_ratio(t.reference_size, t.size) for i, t in enumerate(found)
+                if i != own and t.reference_size is not None and t.reference_size < t.family.whole]
     return statistics.median(measured) if measured else 0.0
 
 
 def reference_ratios(found: list[FoundTrigger]) -> list[float | None]:
-    """Each class's budget ratio beyond its family's median (``reference_offset``), where measured."""
-    offset = reference_offset(found)
-    return [None if t.reference_size is None else budget_ratio(t.reference_size, t.size) - offset for t in found]
+    """Each class's budget ratio beyond the other classes' the reference follows (``reference_offset``),
+    where measured."""
+    return [None if t.reference_size is None else budget_ratio(t.reference_size, t.size) - reference_offset(found, i)
+            for i, t in enumerate(found)]
 
 
 def reference_line(calibration: Calibration, cfg: DetectionConfig, families: int, tests: int, kind: str) -> float:
@@ -277,12 +288,12 @@ def uploaded_probability(family: list[FoundTrigger], target: int, uploaded_size:
     """The budget probability that a trigger found after unlearning would have had in the first
     detection, on the model as uploaded: its budget there (``uploaded_size``) among the sizes of
     its family that the first detection found on the uploaded model (``family``, one per class, the
-    class's own replaced), and against the reference's budget beyond that family's median. A
+    class's own replaced), and against the reference's budget beyond the other classes' (``reference_offset``). A
     backdoor the first detection missed is as small on the uploaded model; a weakness that
     unlearning made is not."""
     sizes = [t.size for t in family]
     sizes[target] = uploaded_size
-    ratio = None if reference_size is None else budget_ratio(reference_size, uploaded_size) - reference_offset(family)
+    ratio = None if reference_size is None else budget_ratio(reference_size, uploaded_size) - reference_offset(family, target)
     score = class_score(log_ratios(sizes)[target], ratio, calibration.log_ratio_scale[kind])
     return calibration.probability(score, tests, kind)
 

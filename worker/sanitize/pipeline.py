@@ -233,8 +233,8 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
                        if smallness(log_ratio, screen_ratio, calibration.screen_scale[kind]) > line]
         per_family.append(found)
     if candidates:
-        # Every class, not the candidates alone: a candidate's ratio counts beyond its family's
-        # median class's (detection.reference_offset).
+        # Every class, not the candidates alone: a candidate's ratio counts beyond the other
+        # classes' (detection.reference_offset).
         on_progress(1.0, "measuring the triggers on the reference model, trained on the clean samples")
         measured_reference = for_inference(reference.get(), x_hold[:8])
         for trigger in (t for found in per_family for t in found):
