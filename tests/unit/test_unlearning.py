@@ -147,6 +147,35 @@ def test_unlearning_never_returns_non_finite_weights():
     assert result.rollbacks > 0
 
 
+class Tethered(nn.Module):
+    """A linear model that gives NaN once a weight has moved 0.3 from where it started: large
+    steps diverge, small ones do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 3)
+        self.register_buffer("original", self.linear.weight.detach().clone())
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        return out * math.nan if (self.linear.weight - self.original).abs().max() > 0.3 else out
+
+
+def test_a_rolled_back_epoch_runs_again_from_its_place_in_the_schedule():
+    torch.manual_seed(0)
+    model = Tethered()
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, fisher_weight=0.0, path_radius=0.0)
+    places = []
+    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg,
+                     on_step=lambda place, total: places.append((place, total)))
+    assert result.rollbacks > 0 and result.epochs_run == 2
+    # The steps of the rolled-back tries are work done, not schedule: the kept epochs end the
+    # cosine at its end, where the step size is 0.
+    assert result.steps > 2 * 4
+    assert places[-1] == (2 * 4, 2 * 4) and all(place <= total for place, total in places)
+
+
 def test_zero_epochs_leave_the_model_as_it_was():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
