@@ -229,15 +229,9 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     good_state = copy.deepcopy(model.state_dict())
     chosen = start = (before, good_state)
     rollbacks, step, epoch = 0, 0, 0
-    # Where the cosine schedule stands: a rolled-back epoch runs again from where it started, so
-    # that the kept epochs anneal to 0. Counted on through the rolled-back tries, a WaNet small
-    # ResNet's four rollbacks took it 1.37 times round the half cosine, its last epoch's step size
-    # rising back to 30%; restarted so, it ended 3.1 points more accurate (docs/population.md,
-    # twenty-eighth sitting).
-    position = epoch_start = 0
     while epoch < cfg.epochs and rollbacks <= MAX_ROLLBACKS:
         diverged = False
-        for idx in torch.randperm(len(x_train), generator=batches).split(cfg.batch_size):
+        for i, idx in enumerate(torch.randperm(len(x_train), generator=batches).split(cfg.batch_size)):
             if check_cancel:
                 check_cancel()
             idx = idx.to(x_train.device)
@@ -249,8 +243,13 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 shift(params, back, -1)
                 diverged = True
                 break
-            # cosine annealing
-            step_size = lr * 0.5 * (1 + math.cos(math.pi * position / max(1, total_steps)))
+            # Cosine annealing by the place in the kept epochs, so that a rolled-back epoch runs
+            # again from where it started. Counted on through the rolled-back tries, a WaNet small
+            # ResNet's four rollbacks took it 1.37 times round the half cosine, its last epoch's
+            # step size rising back to 30%; restarted so, it ended 3.1 points more accurate
+            # (docs/population.md, twenty-eighth sitting).
+            place = epoch * steps_per_epoch + i
+            step_size = lr * 0.5 * (1 + math.cos(math.pi * place / max(1, total_steps)))
             for group in optimizer.param_groups:
                 group["lr"] = step_size
             optimizer.zero_grad()
@@ -260,9 +259,8 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
             if fisher is not None:
                 pull_to_anchor(params, anchor, fisher, weight * step_size)
             step += 1
-            position += 1
             if on_step:
-                on_step(position, total_steps)
+                on_step(place + 1, total_steps)
         epoch += 1
         result = check(model, triggers, x_select, y_select, epoch, seed)
         # A collapse need not reach chance: a BatchNorm ResNet unlearnt at lr 0.003 fell to 26%
@@ -275,16 +273,15 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
                 # points in its first epoch, and at half the step every later epoch diverged (14.2
                 # points of test accuracy lost; started again without PAM, 1.0: docs/population.md,
                 # twenty-first sitting). So start again without it.
-                radius, epoch, epoch_start = 0.0, 0, 0
+                radius, epoch = 0.0, 0
                 chosen, good_state = start, start[1]
             else:
                 lr, epoch = lr / 2, epoch - 1
             rollbacks += 1
-            position = epoch_start
             model.load_state_dict(good_state)
             optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
             continue
-        good_state, epoch_start = copy.deepcopy(model.state_dict()), position
+        good_state = copy.deepcopy(model.state_dict())
         best = chosen[0]
         erased, best_erased = result.worst_asr <= cfg.asr_threshold, best.worst_asr <= cfg.asr_threshold
         if ((erased and (not best_erased or result.clean_accuracy > best.clean_accuracy))
