@@ -96,5 +96,10 @@ def describe_outcome(result: dict) -> str:
     accuracy = result["clean_accuracy"]
     margin = ("" if accuracy.get("margin") is None  # reports of older versions
               else f" (change +/-{accuracy['margin']:.1%} on {accuracy['images']} held-out images)")
+    # A class can lose most of its accuracy while the total loses a few points.
+    dropped = [c for c in result.get("class_accuracy", []) if c["after"] < c["before"] - c["margin"]]
+    worst = min(dropped, key=lambda c: c["after"] - c["before"], default=None)
+    lost = "" if worst is None else (f"; class {worst['class']} {worst['before']:.1%} -> {worst['after']:.1%} "
+                                     f"of its {worst['images']} held-out images")
     return (f"{verdict}: backdoor target(s) {targets}; "
-            f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}{margin}")
+            f"clean accuracy {accuracy['before']:.1%} -> {accuracy['after']:.1%}{margin}{lost}")

@@ -36,6 +36,9 @@ class JobResult(BaseModel):
     clean_accuracy: AccuracyChange = Field(
         description="held-out accuracy before/after, the number of images, and the margin of the "
                     "change (half-width of its 95% interval; null in reports of older versions)")
+    class_accuracy: list[dict[str, int | float | None]] = Field(
+        description="the same for each class's held-out images: class, before, after, images, margin "
+                    "(empty in reports of older versions)")
     recovered_asr: dict[str, dict[str, float]] = Field(
         description="per detected target: the recovered trigger's success rate before/after")
     timings: dict[str, float] = Field(description="seconds per stage")
@@ -125,6 +128,7 @@ def job_result(report: Report) -> JobResult:
         backdoor_probability=report.backdoor_probability, backdoor_detected=report.backdoor_detected,
         detected_targets=report.detected_targets, residual_targets=report.residual_targets,
         clean_accuracy=report.clean_accuracy.model_dump(),
+        class_accuracy=[change.model_dump(by_alias=True) for change in report.class_accuracy],
         recovered_asr={target: asr.model_dump() for target, asr in report.recovered_asr.items()},
         timings=report.timings_s,
     )

@@ -39,6 +39,9 @@ def test_a_job_runs_and_its_results_are_served(app, client, submit, auth, settin
     result = body["result"]
     assert set(result["clean_accuracy"]) == {"before", "after", "images", "margin"} and result["timings"]["total"] > 0
     assert type(result["clean_accuracy"]["images"]) is int  # a count: "49 held-out images", not "49.0"
+    assert sum(c["images"] for c in result["class_accuracy"]) == result["clean_accuracy"]["images"]
+    assert set(result["class_accuracy"][0]) == {"class", "before", "after", "images", "margin"}
+    assert type(result["class_accuracy"][0]["class"]) is int
     assert result["backdoor_detected"] == bool(result["detected_targets"])
 
     model = client.get(job["links"]["model"], headers=auth)

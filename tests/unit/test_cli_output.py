@@ -69,6 +69,13 @@ def test_quiet_shows_nothing():
     ({"verdict": "removed", "detected_targets": [2], "residual_targets": [],
       "clean_accuracy": {"before": 0.9, "after": 0.88, "images": 200, "margin": 0.021}},
      "removed: backdoor target(s) 2; clean accuracy 90.0% -> 88.0% (change +/-2.1% on 200 held-out images)"),
+    ({"verdict": "residual", "detected_targets": [2], "residual_targets": [2],
+      "clean_accuracy": {"before": 0.9, "after": 0.86, "images": 300, "margin": 0.03},
+      "class_accuracy": [{"class": 1, "before": 0.9, "after": 0.97, "images": 30, "margin": 0.08},
+                         {"class": 2, "before": 0.8, "after": 0.1, "images": 30, "margin": 0.3},
+                         {"class": 3, "before": 0.9, "after": 0.85, "images": 30, "margin": 0.1}]},
+     "residual: backdoor target(s) 2; clean accuracy 90.0% -> 86.0% (change +/-3.0% on 300 held-out images); "
+     "class 2 80.0% -> 10.0% of its 30 held-out images"),
     ({"verdict": "clean", "backdoor_probability": 0.1234}, "clean (backdoor probability 0.12), model unchanged"),
 ])
 def test_outcome_in_one_line(result, line):

@@ -114,6 +114,12 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert attack_success(torch.jit.load(str(tmp_path / "backdoored.sanitized.pt")), x, y) < 0.1
     accuracy = report["clean_accuracy"]
     assert accuracy["images"] > 0 and 1.96 / accuracy["images"] <= accuracy["margin"] < 1
+    # The same split, class by class: its images, and its accuracy as their weighted mean.
+    classes = report["class_accuracy"]
+    assert [c["class"] for c in classes] == list(range(report["num_classes"]))
+    assert sum(c["images"] for c in classes) == accuracy["images"]
+    for when in ("before", "after"):
+        assert sum(c[when] * c["images"] for c in classes) == pytest.approx(accuracy[when] * accuracy["images"])
     # Re-tuned with its recovered trigger, the unlearnt class learns it back no faster than the reference
     # and clean models do.
     [retuning] = report["verification"]["retuning"]

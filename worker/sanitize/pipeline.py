@@ -34,8 +34,8 @@ from .loading import Samples, load_model, load_samples, samples_from_tensors, sa
 from .recovery import (FoundTrigger, RecoveredTrigger, budget, held_out_asr, make_families, search_triggers,
                        train_generator)
 from .reference import LazyReference
-from .report import (AccuracyChange, BeforeAfter, CalibrationSource, ProgressCallback, Report, ReportedScore,
-                     RetuningRow, SampleCounts, TriggerFile, UnlearningSummary, Verification)
+from .report import (AccuracyChange, BeforeAfter, CalibrationSource, ClassAccuracyChange, ProgressCallback, Report,
+                     ReportedScore, RetuningRow, SampleCounts, TriggerFile, UnlearningSummary, Verification)
 from .retuning import Retuning, model_kind, retune
 from .unlearning import MAX_EPOCH_LOSS, UnlearningResult, accuracy, correct_predictions, share, unlearn
 
@@ -552,6 +552,7 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         class_scores=score_rows(detection),
         flag_score=round(calibration.score_for(config.detection.flag_probability, len(detection.scores), kind), 3),
         clean_accuracy=accuracy_change(right_before, right_after),
+        class_accuracy=class_accuracy_changes(right_before, right_after, y_report, num_classes),
         recovered_asr={str(target): BeforeAfter(before=first.before.recovered_asr[target],
                                                 after=last.after.recovered_asr[target])
                        for target in detected},
@@ -591,6 +592,13 @@ def accuracy_change(right_before: torch.Tensor, right_after: torch.Tensor) -> Ac
     changed = (right_before != right_after).sum().item()
     return AccuracyChange(before=share(right_before), after=share(right_after), images=images,
                           margin=min(1.0, 1.96 * math.sqrt(changed + 1) / max(1, images)))
+
+
+def class_accuracy_changes(right_before: torch.Tensor, right_after: torch.Tensor, y: torch.Tensor,
+                           num_classes: int) -> list[ClassAccuracyChange]:
+    """``accuracy_change`` of each class's images (labels ``y``) of the report split."""
+    return [ClassAccuracyChange(class_=k, **accuracy_change(right_before[y == k], right_after[y == k]).model_dump())
+            for k in range(num_classes)]
 
 
 def kept_an_epoch(unlearning_runs: list[UnlearningResult]) -> bool:

@@ -34,6 +34,13 @@ class AccuracyChange(BeforeAfter):
     margin: float | None = None
 
 
+class ClassAccuracyChange(AccuracyChange):
+    """One class's accuracy on the report split's images of that class. Unlearning can cost one
+    class nearly all of its accuracy while the others gain: on perceptrons the target's recall
+    fell from about 80% to 10-20% as the total lost 2-5 points (docs/population.md, twenty-ninth sitting)."""
+    class_: int = Field(alias="class")
+
+
 class ReportedScore(ReportPart):
     """One class and trigger family from a trigger search, scored (docs/method.md, "Detection").
     Reports of older versions lack some of these numbers."""
@@ -132,6 +139,7 @@ class Report(ReportPart):
     class_scores: list[ReportedScore]
     flag_score: float | None = None  # the score at which a class is flagged
     clean_accuracy: AccuracyChange
+    class_accuracy: list[ClassAccuracyChange] = []  # by class; empty in reports of older versions
     recovered_asr: dict[str, BeforeAfter]  # by detected target
     verification: Verification | None = None
     sample_accuracy: float
@@ -170,7 +178,7 @@ class Report(ReportPart):
         """What `baerase sanitize` prints: the verdict and the numbers before and after."""
         return self.model_dump(mode="json", by_alias=True, include={
             "verdict", "verdict_reason", "backdoor_probability", "detected_targets", "residual_targets",
-            "clean_accuracy", "recovered_asr", "timings_s"})
+            "clean_accuracy", "class_accuracy", "recovered_asr", "timings_s"})
 
     def class_name(self, index: int) -> str:
         names = self.class_names or []
