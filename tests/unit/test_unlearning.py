@@ -141,7 +141,7 @@ def test_unlearning_never_returns_non_finite_weights():
     with torch.no_grad():
         model.linear.weight.fill_(9.99)
     x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
-    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, fisher_weight=0.0)
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr_dense=1.0, fisher_weight=0.0)
     result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert result.rollbacks > 0
@@ -165,7 +165,7 @@ def test_a_rolled_back_epoch_runs_again_from_its_place_in_the_schedule():
     torch.manual_seed(0)
     model = Tethered()
     x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
-    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, fisher_weight=0.0, path_radius=0.0)
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr_dense=1.0, fisher_weight=0.0, path_radius=0.0)
     places = []
     result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg,
                      on_step=lambda place, total: places.append((place, total)))
@@ -174,6 +174,15 @@ def test_a_rolled_back_epoch_runs_again_from_its_place_in_the_schedule():
     # cosine at its end, where the step size is 0.
     assert result.steps > 2 * 4
     assert places[-1] == (2 * 4, 2 * 4) and all(place <= total for place, total in places)
+
+
+def test_a_fully_connected_model_is_unlearnt_at_its_own_step_size():
+    torch.manual_seed(0)
+    model = Tethered()  # no convolution: a dense model, which lr_dense steps
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, lr_dense=1e-3, fisher_weight=0.0, path_radius=0.0)
+    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg)
+    assert result.rollbacks == 0  # lr 1.0 would have moved a weight past 0.3 and diverged
 
 
 def test_zero_epochs_leave_the_model_as_it_was():
@@ -208,7 +217,7 @@ def test_an_epoch_that_costs_a_third_of_the_accuracy_is_rolled_back():
     y = torch.arange(60) % 3
     x = nn.functional.one_hot(y, 3).float().view(60, 1, 1, 3)
     model = Fragile()
-    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=0.1, fisher_weight=0.0)
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr_dense=0.1, fisher_weight=0.0)
     result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
     assert result.rollbacks > 0
     assert torch.equal(model.linear.weight, torch.eye(3)) and result.after.clean_accuracy == 1.0
@@ -233,7 +242,7 @@ def test_unlearning_that_diverges_with_the_path_step_starts_again_without_it():
     x = nn.functional.one_hot(y, 3).float().view(60, 1, 1, 3)
     model = FragileBehind()
     # The path step (0.1 of the weights' norm) looks past the original weight from the first step on.
-    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=0.1, fisher_weight=0.0, path_radius=0.1)
+    cfg = UnlearningConfig(epochs=2, batch_size=8, lr_dense=0.1, fisher_weight=0.0, path_radius=0.1)
     result = unlearn(model, [trigger(1, shape=(1, 1, 3))], x[:45], y[:45], x[45:], y[45:], 3, cfg)
     # Without the restart every retry diverged again, and no epoch was kept.
     assert result.rollbacks == 1 and result.epochs_run == 2
