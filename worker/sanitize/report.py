@@ -36,8 +36,9 @@ class AccuracyChange(BeforeAfter):
 
 class ClassAccuracyChange(AccuracyChange):
     """One class's accuracy on the report split's images of that class. Unlearning can cost one
-    class nearly all of its accuracy while the others gain: on perceptrons the target's recall
-    fell from about 80% to 10-20% as the total lost 2-5 points (docs/population.md, twenty-ninth sitting)."""
+    class nearly all of its accuracy while the others gain: unlearnt at step size 0.01, perceptrons'
+    targets fell from about 80% recall to 10-20% as the total lost 2-5 points (docs/population.md,
+    twenty-ninth sitting)."""
     class_: int = Field(alias="class")
 
 
