@@ -212,8 +212,9 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     for p in params:
         p.requires_grad_(True)
     anchor = [p.detach().clone() for p in params]
+    kind = model_kind(model)
     # On a BatchNorm small ResNet the path step sent every epoch diverging (18 rollbacks, none kept).
-    radius = cfg.path_radius * l2_norm(anchor).item() if model_kind(model) != "batchnorm" else 0.0
+    radius = cfg.path_radius * l2_norm(anchor).item() if kind != "batchnorm" else 0.0
     weight = anchor_weight(triggers, cfg)
     fisher = diagonal_fisher(model, params, x_train, y_train) if weight else None
     targets = soft_targets(model, x_train, y_train, num_classes)
@@ -225,7 +226,7 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     # epochs, at 0.01 only to 11-18%. At twice the step more comes back: -0.3 points on the
     # population's twelve unlearnt perceptrons instead of -1.4 (docs/population.md, twenty-ninth
     # sitting). Perceptrons stay stable at such steps; a BatchNorm ResNet diverges at a quarter of 0.01.
-    lr = cfg.lr_dense if model_kind(model) == "dense" else cfg.lr
+    lr = cfg.lr_dense if kind == "dense" else cfg.lr
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     batches = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
