@@ -11,10 +11,10 @@ from worker.sanitize.unlearning import (anchor_weight, check, diagonal_fisher, n
                                         towards_original, unlearn, unlearning_loss)
 
 
-def loss(model, triggers, x, y, k):
+def loss(model, triggers, x, y, k, clean_floor=False):
     """The loss with the true labels as the soft targets (a teacher that is always right)."""
     return unlearning_loss(model, triggers, x, y, nn.functional.one_hot(y, k).float(), k,
-                           UnlearningConfig().nearness_weight)
+                           UnlearningConfig().nearness_weight, clean_floor)
 
 
 class FixedLogits(nn.Module):
@@ -45,6 +45,36 @@ def test_ascent_is_bounded_once_the_target_is_no_likelier_than_chance():
     assert total.item() > 2 * nn.functional.cross_entropy(above(x), y).item()
     total.backward()
     assert above.logits.grad[0] > 0
+
+
+class Brightness(nn.Module):
+    """Class 0's logit grows with the image's mean brightness; the other classes' are fixed at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return torch.cat([self.gain * x.flatten(1).mean(1, keepdim=True), torch.zeros(len(x), 3)], 1)
+
+
+def test_with_the_clean_floor_the_target_is_not_pushed_below_what_the_clean_image_gives_it():
+    # A dense model's target would go down on clean images too: only the two CE terms remain.
+    x, y = torch.rand(8, 1, 4, 4), torch.ones(8, dtype=torch.long)
+    model = FixedLogits([5.0, 0.0, 0.0, 0.0])
+    ce = nn.functional.cross_entropy(model(x), y)
+    assert math.isclose(loss(model, [trigger(0)], x, y, 4, clean_floor=True).item(), 2 * ce.item(), rel_tol=1e-5)
+
+
+def test_with_the_clean_floor_a_trigger_that_raises_the_target_is_still_pushed_back():
+    x, y = torch.zeros(8, 1, 4, 4), torch.ones(8, dtype=torch.long)  # dark: class 0 at chance
+    model, brighter = Brightness(), trigger(0)
+    clean, triggered = model(x), model(brighter.family.stamp(x, brighter.sample(8)))
+    assert triggered[:, 0].min() > clean[:, 0].max()
+    total = loss(model, [brighter], x, y, 4, clean_floor=True)
+    assert total.item() > 2 * nn.functional.cross_entropy(clean, y).item()
+    total.backward()
+    assert model.gain.grad > 0  # descent lowers what the brightness adds to class 0
 
 
 def test_images_of_the_target_class_are_not_pushed_away():
