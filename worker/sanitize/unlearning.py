@@ -232,11 +232,12 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     augment = crop_and_flip if x_train.shape[1] == 3 else None
     steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
     total_steps = cfg.epochs * steps_per_epoch
-    # The first epoch takes a perceptron's target class nearly all of its accuracy (test recall
-    # about 80% -> 0%, the trigger already erased), and the clean term wins it back over the later
-    # epochs, at 0.01 only to 11-18%. At twice the step more comes back: -0.3 points on the
-    # population's twelve unlearnt perceptrons instead of -1.4 (docs/population.md, twenty-ninth
-    # sitting). Perceptrons stay stable at such steps; a BatchNorm ResNet diverges at a quarter of 0.01.
+    # Unlearnt with the ascent to chance (before the clean floor), the first epoch took a
+    # perceptron's target class nearly all of its accuracy (test recall about 80% -> 0%, the
+    # trigger already erased), and the clean term won it back over the later epochs, at 0.01 only
+    # to 11-18%. At twice the step more came back: -0.3 points on the population's twelve unlearnt
+    # perceptrons instead of -1.4 (docs/population.md, twenty-ninth sitting). Perceptrons stay
+    # stable at such steps; a BatchNorm ResNet diverges at a quarter of 0.01.
     lr = cfg.lr_dense if kind == "dense" else cfg.lr
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     batches = torch.Generator().manual_seed(seed)
