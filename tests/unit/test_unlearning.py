@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -206,13 +207,27 @@ def test_a_rolled_back_epoch_runs_again_from_its_place_in_the_schedule():
     assert places[-1] == (2 * 4, 2 * 4) and all(place <= total for place, total in places)
 
 
-def test_a_fully_connected_model_is_unlearnt_at_its_own_step_size():
-    torch.manual_seed(0)
-    model = Tethered()  # no convolution: a dense model, which lr_dense steps
-    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
-    cfg = UnlearningConfig(epochs=2, batch_size=8, lr=1.0, lr_dense=1e-3, fisher_weight=0.0, path_radius=0.0)
-    result = unlearn(model, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg)
-    assert result.rollbacks == 0  # lr 1.0 would have moved a weight past 0.3 and diverged
+class TetheredConvolution(Tethered):
+    """Tethered behind a 1 x 1 convolution that starts as the identity: a plain model."""
+
+    def __init__(self):
+        super().__init__()
+        self.convolution = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.convolution.weight)
+
+    def forward(self, x):
+        return super().forward(self.convolution(x))
+
+
+@pytest.mark.parametrize("model, own_step", [(Tethered, "lr_dense"), (TetheredConvolution, "lr_plain")])
+def test_each_kind_of_model_is_unlearnt_at_its_own_step_size(model, own_step):
+    steps = {"lr": 1.0, "lr_plain": 1.0, "lr_dense": 1.0}  # 1.0 moves a weight past 0.3: it diverges
+    for small, rollbacks_expected in ((own_step, False), ("lr", True)):
+        torch.manual_seed(0)
+        net, x, y = model(), torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+        cfg = UnlearningConfig(epochs=2, batch_size=8, fisher_weight=0.0, path_radius=0.0, **{**steps, small: 1e-3})
+        result = unlearn(net, [trigger(1)], x[:30], y[:30], x[30:], y[30:], 3, cfg)
+        assert (result.rollbacks > 0) == rollbacks_expected
 
 
 def test_zero_epochs_leave_the_model_as_it_was():

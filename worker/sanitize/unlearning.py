@@ -236,9 +236,10 @@ def unlearn(model, triggers: list[RecoveredTrigger], x_train, y_train, x_select,
     # perceptron's target class nearly all of its accuracy (test recall about 80% -> 0%, the
     # trigger already erased), and the clean term won it back over the later epochs, at 0.01 only
     # to 11-18%. At twice the step more came back: -0.3 points on the population's twelve unlearnt
-    # perceptrons instead of -1.4 (docs/population.md, twenty-ninth sitting). Perceptrons stay
-    # stable at such steps; a BatchNorm ResNet diverges at a quarter of 0.01.
-    lr = cfg.lr_dense if kind == "dense" else cfg.lr
+    # perceptrons instead of -1.4 (docs/population.md, twenty-ninth sitting); small CNNs gained
+    # as much (thirty-first sitting). Models without BatchNorm stay stable at such steps; a
+    # BatchNorm ResNet diverges at a quarter of 0.01.
+    lr = {"batchnorm": cfg.lr, "plain": cfg.lr_plain, "dense": cfg.lr_dense}[kind]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     batches = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
