@@ -15,6 +15,10 @@ import pytest
 from tests.clients.conftest import KEY
 from tests.live_server import PATIENCE_S, REPO
 
+# One process builds the wheel for all of them: pip builds in the source tree's build/ folder, and
+# two processes building it at once broke each other's copy ("No such file or directory").
+pytestmark = pytest.mark.xdist_group("client_wheel")
+
 
 @pytest.fixture(scope="session")
 def client_venv(tmp_path_factory) -> Path:
