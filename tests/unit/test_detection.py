@@ -13,7 +13,7 @@ from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
 from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
                                       reference_line, score_classes, uploaded_probability)
-from worker.sanitize.pipeline import Detection, Normalized, by_budget, for_inference
+from worker.sanitize.pipeline import Detection, Normalized, by_budget, for_inference, for_search
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, WarpFamily
 from worker.sanitize.retuning import KINDS, model_kind
 
@@ -324,9 +324,23 @@ class Unscriptable(torch.nn.Module):
         return self.fc(self.prepare(x))
 
 
+class Viewed(torch.nn.Module):
+    """Flattens with ``view``, which a channels-last feature map cannot give."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc(x.view(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("copy_for", [for_inference, for_search])
 @pytest.mark.parametrize("arch", ["small_cnn", "small_resnet"])
 @pytest.mark.parametrize("scripted", [False, True])
-def test_the_inference_copy_computes_what_the_model_does_and_leaves_it_as_it_was(arch, scripted):
+def test_the_faster_copies_compute_what_the_model_does_and_leave_it_as_it_was(copy_for, arch, scripted):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, in_channels=1).eval()
     if arch == "small_resnet":  # BatchNorm statistics other than the initial ones, to be folded in
@@ -334,20 +348,33 @@ def test_the_inference_copy_computes_what_the_model_does_and_leaves_it_as_it_was
             model.train()(torch.rand(64, 1, 28, 28))
             model.eval()
     model = Normalized(torch.jit.script(model) if scripted else model, [0.5], [0.25])
+    for p in model.parameters():
+        p.requires_grad_(False)  # as the pipeline holds it
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    fast = for_inference(model, torch.rand(8, 1, 28, 28))
+    fast = copy_for(model, torch.rand(8, 1, 28, 28))
     assert fast is not model
     with torch.no_grad():
         for n in (32, 7):  # the passes come in chunks, the last one shorter
             x = torch.rand(n, 1, 28, 28)
             assert torch.allclose(fast(x), model(x), atol=1e-4)
+    if copy_for is for_search:  # the searches' gradients, with respect to the images
+        x = torch.rand(16, 1, 28, 28)
+        grads = []
+        for m in (fast, model):
+            xx = x.clone().requires_grad_(True)
+            m(xx).log_softmax(1)[:, 3].sum().backward()
+            grads.append(xx.grad)
+        assert torch.allclose(*grads, atol=1e-5)
     assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+    assert all(tensor.is_contiguous() for tensor in model.state_dict().values())
     assert all(p.is_leaf for p in model.parameters())  # still a model that unlearning can train
 
 
-def test_a_model_whose_copy_cannot_be_made_or_fails_is_measured_as_it_is():
+def test_a_model_whose_copy_cannot_be_made_or_fails_is_used_as_it_is():
     unscriptable = Unscriptable()
     assert for_inference(unscriptable, torch.rand(8, 1, 4, 4)) is unscriptable
     # 16 x 16 images reach the small CNN's adaptive pooling at 4 x 4, which oneDNN cannot pool to 7 x 7.
     small = build_model("small_cnn", num_classes=10, in_channels=1).eval()
     assert for_inference(small, torch.rand(8, 1, 16, 16)) is small
+    viewed = Viewed().eval()
+    assert for_search(viewed, torch.rand(8, 1, 8, 8)) is viewed

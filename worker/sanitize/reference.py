@@ -31,6 +31,8 @@ def train_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: 
     frozen."""
     torch.manual_seed(seed)
     model = build_model(arch, num_classes, x.shape[1]).to(x.device)
+    if x.device.type == "cpu":  # a fifth faster on a CPU (pipeline.for_search says why)
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_epochs(model, optimizer, x, y, epochs, batch_size, torch.Generator().manual_seed(seed))
     for p in model.parameters():
