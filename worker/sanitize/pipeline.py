@@ -74,10 +74,11 @@ def for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def for_search(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """A copy of the model for the trigger searches, which need gradients: its convolution weights
-    stored channels-last, so every feature map is too. On a CPU, max pooling over channels-first
-    maps runs ten times slower than over channels-last ones, and a small CNN's search step runs 1.4
-    to 1.9 times faster so (a small ResNet's 1.2 times; docs/method.md, section 2). The same
-    arithmetic in another order: logits agree to 1e-6. The copy holds the weights as they are now."""
+    stored channels-last, so every feature map is too. On a CPU, this torch build's max pooling over
+    channels-first maps runs 14 to 21 times slower than over channels-last ones, and a small CNN's
+    search step runs 1.4 to 1.9 times faster so (a small ResNet's 1.2 times; docs/method.md,
+    section 2). The same arithmetic in another order: logits agree to 1e-6. The copy holds the
+    weights as they are now."""
     def channels_last(model: nn.Module) -> nn.Module:
         with torch.no_grad():  # else a TorchScript module's copy holds its parameters as non-leaf clones
             copied = copy.deepcopy(model).to(memory_format=torch.channels_last)
