@@ -637,13 +637,16 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
     """One plain sentence that says what was checked and what it means."""
     top = detection.scores[0] if detection.scores else None
     if verdict == "clean":
-        # Not "no backdoor": weak backdoors, and strong ones in well-trained models (a Trojan and a
-        # SIG model at 0.79 and 0.73), score where some clean models' natural classes do
-        # (docs/population.md), so say how far up the clean models' range the model sits.
+        # Not "no backdoor": weak backdoors, strong ones in well-trained models (a Trojan and a SIG
+        # model at 0.79 and 0.73) and ones whose trigger the reference half answers (a black square
+        # on sandals at 0.74 under two of three reference seeds) score where some clean models'
+        # natural classes do (docs/population.md), so say how far up the clean models' range the
+        # model sits.
         where = "" if top is None else (f"; class {top.target} ({top.family} family) is the most suspicious, "
                                         f"above the most suspicious class of {top.probability:.0%} of clean "
-                                        "models, and backdoors can score this low (weak ones, and strong "
-                                        "ones in well-trained models)")
+                                        "models, and backdoors can score this low (weak ones, strong ones in "
+                                        "well-trained models, and ones whose trigger looks like a feature of "
+                                        "the target class)")
         return (f"no class is above the suspicious line (backdoor probability {detection.probability:.2f}, "
                 f"line {config.detection.suspicious_probability}){where}; the model is returned unchanged")
     if verdict == "suspicious":
