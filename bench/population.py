@@ -5,6 +5,7 @@ evaluation part.
 
     baerase bench --suite population --train [--limit N]   # train (and cache) the models
     baerase bench --suite population --calibrate           # fit worker/sanitize/calibration.json
+    baerase bench --suite population --calibrate --keep-retuning  # ... the detection's fits alone
     baerase bench --suite population --detect              # detection alone: ROC-AUC on the evaluation models
     baerase bench --suite population --detect --neural-cleanse  # ... and Neural Cleanse's beside it
     baerase bench --suite population --evaluate            # the engine on the evaluation models
@@ -272,33 +273,50 @@ def retuning_statistics(victim: Victim, datasets: dict[str, Split], cache: Path)
     return rows[0]["kind"], [r["statistic"] for r in rows]
 
 
-def collect_scores(cache: Path, limit: int | None = None) -> Path:
+def collect_scores(cache: Path, limit: int | None = None, keep_retuning: bool = False) -> Path:
     """Runs detection alone on every trained calibration model, then unlearns its most
     suspicious classes, and fits the calibration from their scores and re-tuning statistics;
     writes worker/sanitize/calibration.json. A model kind none of whose calibration models is
-    trained keeps the fits it has in that file."""
-    from worker.sanitize.detection import CALIBRATION_FILE, Calibration
+    trained keeps the fits it has in that file. With ``keep_retuning``, nothing is unlearnt and the
+    re-tuning fits are kept: the unlearnt classes are chosen by scores taken at scales 1
+    (``retuning_statistics``), which no refit of the detection changes, so the same models
+    measure the same statistics again."""
+    from worker.sanitize.detection import CALIBRATION_FILE, Calibration, CleanClass
     from worker.sanitize.retuning import KINDS
 
     victims, datasets = trained(limit, True, cache), {}
-    ratios, retuning = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
+    classes = {kind: [] for kind in KINDS}
+    retuning = {kind: None if keep_retuning else [] for kind in KINDS}
     for victim in victims:
-        kind, statistics = retuning_statistics(victim, datasets, cache)
-        ratios[kind].append([(s["log_ratio"], s["screen_log_ratio"], s["reference_ratio"])
-                             for s in detection_scores(victim, datasets, cache)["class_scores"]])
-        retuning[kind] += statistics
-    kept = [kind for kind in KINDS if not ratios[kind]]
+        if keep_retuning:
+            kind = trained_kind(victim, cache)
+        else:
+            kind, statistics = retuning_statistics(victim, datasets, cache)
+            retuning[kind] += statistics
+        classes[kind].append([CleanClass(s["family"], s["log_ratio"], s["screen_log_ratio"], s["reference_ratio"],
+                                         s.get("excess"))
+                              for s in detection_scores(victim, datasets, cache)["class_scores"]])
+    kept = [kind for kind in KINDS if not classes[kind]]
     source = "bench/population.py calibration models: " + ", ".join(v.key for v in victims) + "".join(
-        f"; {kind}: kept from the previous calibration" for kind in kept)
-    calibration = Calibration.fit(ratios, retuning, source, keep=Calibration.load())
+        f"; {kind}: kept from the previous calibration" for kind in kept) + (
+        "; re-tuning fits kept from the previous calibration" if keep_retuning else "")
+    calibration = Calibration.fit(classes, retuning, source, keep=Calibration.load())
     CALIBRATION_FILE.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
     print(f"calibration from {len(victims)} clean models, by kind: " + "; ".join(
         f"{kind}{' (kept)' if kind in kept else ''}: {calibration.models[kind]} models, log ratio scale "
         f"{calibration.log_ratio_scale[kind]:.3f}, screen scale {calibration.screen_scale[kind]:.3f}, "
         f"highest of {calibration.tests[kind]} class scores, mean {calibration.scores[kind].mean:.3f}, std "
         f"{calibration.scores[kind].std:.3f}, re-tuning of {fit.count} unlearnt classes, mean {fit.mean:.3f}, "
-        f"std {fit.std:.3f}" for kind, fit in calibration.retuning.items()))
+        f"std {fit.std:.3f}, excess {excess_line(calibration.excess.get(kind))}"
+        for kind, fit in calibration.retuning.items()))
     return CALIBRATION_FILE
+
+
+def excess_line(fit) -> str:
+    if fit is None:
+        return "not fitted"
+    scales = ", ".join(f"{family} {scale:.3f}" for family, scale in fit.scales.items())
+    return f"scales {scales}, highest mean {fit.highest.mean:.3f} std {fit.highest.std:.3f}"
 
 
 def neural_cleanse_scores(victim: Victim, datasets: dict[str, Split], cache: Path) -> dict:
@@ -368,8 +386,9 @@ def most_suspicious(class_scores: list[dict], calibration, kind: str) -> tuple[d
     from worker.sanitize.detection import class_score, smallness
 
     scale, screen_scale = calibration.log_ratio_scale[kind], calibration.screen_scale[kind]
-    scores = [{**s, "score": class_score(smallness(s["log_ratio"], s["screen_log_ratio"], screen_scale),
-                                         s["reference_ratio"], scale)} for s in class_scores]
+    scores = [{**s, "score": max(class_score(smallness(s["log_ratio"], s["screen_log_ratio"], screen_scale),
+                                             s["reference_ratio"], scale),
+                                 calibration.excess_score(s.get("excess"), s["family"], kind))} for s in class_scores]
     top = max(scores, key=lambda s: s["score"])
     return top, calibration.probability(top["score"], len(scores), kind)
 
@@ -459,6 +478,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baerase bench --suite population", description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the models not cached yet")
     parser.add_argument("--calibrate", action="store_true", help="fit the calibration from the clean calibration models")
+    parser.add_argument("--keep-retuning", action="store_true", help="with --calibrate: refit the detection "
+                        "alone, keeping the re-tuning fits (nothing is unlearnt)")
     parser.add_argument("--detect", action="store_true", help="detection alone on every trained evaluation "
                         "model: each one's most suspicious class and the ROC-AUC")
     parser.add_argument("--neural-cleanse", action="store_true", help="with --detect or --evaluate: Neural "
@@ -471,7 +492,7 @@ def main(argv: list[str]) -> int:
     if args.train:
         train_all(args.cache, args.limit)
     if args.calibrate:
-        collect_scores(args.cache, args.limit)
+        collect_scores(args.cache, args.limit, args.keep_retuning)
     if args.detect:
         print(detection_summary(args.cache, args.limit, args.neural_cleanse))
     if args.evaluate:

@@ -11,8 +11,8 @@ import torch
 
 from worker.sanitize.architectures import build_model
 from worker.sanitize.config import DetectionConfig
-from worker.sanitize.detection import (Calibration, ClassScore, NormalFit, backdoor_probability, log_ratios,
-                                      reference_line, score_classes, uploaded_probability)
+from worker.sanitize.detection import (Calibration, ClassScore, CleanClass, ExcessFit, NormalFit, backdoor_probability,
+                                      excesses, log_ratios, reference_line, score_classes, uploaded_probability)
 from worker.sanitize.pipeline import Detection, Normalized, by_budget, for_inference, for_search
 from worker.sanitize.recovery import BlendFamily, FoundTrigger, MaskFamily, WarpFamily
 from worker.sanitize.retuning import KINDS, model_kind
@@ -147,12 +147,17 @@ def test_a_trigger_found_far_sooner_than_the_others_is_small_though_its_budget_i
     assert natural[3].score == pytest.approx(math.log(2)) and not natural[3].flagged
 
 
+def clean_classes(*ratios, family="mask"):
+    """(log ratio, screen log ratio, reference ratio[, excess]) -> CleanClass rows of one model."""
+    return [CleanClass(family, *r) if len(r) == 4 else CleanClass(family, *r, None) for r in ratios]
+
+
 def test_calibration_fits_each_models_highest_score_per_kind_and_turns_scores_into_a_probability():
     # (log ratio, screen log ratio, reference ratio) of two models' classes: screens spread half as
     # much as log ratios (so no screen counts more than its log ratio), candidates' reference
     # ratios twice as much.
-    first, second = [(-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0)], [(1.0, 0.5, 2.0), (1.5, 0.75, 3.0),
-                                                                                  (2.0, 1.0, 0.5)]
+    first = clean_classes((-1.0, -0.5, None), (-0.5, -0.25, None), (0.5, 0.25, 1.0))
+    second = clean_classes((1.0, 0.5, 2.0), (1.5, 0.75, 3.0), (2.0, 1.0, 0.5))
     calibration = Calibration.fit({"batchnorm": [first, second], "plain": [first, second[:1]], "dense": [first, second]},
                                   {"batchnorm": [-1, 0, 1, 3], "plain": [-1.0, -0.5], "dense": [-1.0, 0.0]},
                                   source="test")
@@ -176,14 +181,18 @@ def test_calibration_fits_each_models_highest_score_per_kind_and_turns_scores_in
 
 
 def test_a_kind_without_calibration_models_keeps_its_fit():
-    model = [(-1.0, -1.0, None), (-0.5, -0.5, None), (0.5, 0.5, 1.0), (1.0, 1.0, 2.0), (1.5, 1.5, 3.0), (2.0, 2.0, 0.5)]
+    model = clean_classes((-1.0, -1.0, None), (-0.5, -0.5, None), (0.5, 0.5, 1.0), (1.0, 1.0, 2.0), (1.5, 1.5, 3.0),
+                          (2.0, 2.0, 0.5))
     refitted = Calibration.fit({"plain": [model, model[:3]], "batchnorm": []}, {"plain": [-1.0, -0.5], "batchnorm": []},
                                source="test", keep=CALIBRATION)
     assert refitted.log_ratio_scale["plain"] == pytest.approx(2.0) and refitted.models == {"plain": 2, "batchnorm": 10, "dense": 10}
     assert (refitted.scores["batchnorm"], refitted.tests["batchnorm"], refitted.retuning["batchnorm"]) == (
         CALIBRATION.scores["batchnorm"], CALIBRATION.tests["batchnorm"], CALIBRATION.retuning["batchnorm"])
+    assert refitted.excess == {"plain": None, "batchnorm": None, "dense": None}  # measured on no class
     with pytest.raises(ValueError, match="batchnorm"):
         Calibration.fit({"plain": [model, model[:3]]}, {"plain": [-1.0]}, source="test")
+    kept = Calibration.fit({"plain": [model, model[:3]]}, {"plain": None}, source="test", keep=CALIBRATION)
+    assert kept.retuning == CALIBRATION.retuning and kept.scores["plain"] != CALIBRATION.scores["plain"]
     with pytest.raises(ValueError, match="one calibration model of kind plain"):
         Calibration.fit({"plain": [model]}, {"plain": [-1.0]}, source="test", keep=CALIBRATION)
 
@@ -257,7 +266,7 @@ def test_few_classes_do_not_crash(n):
 
 def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_unresolved():
     def score(target, family, probability, asr=0.9, class_probability=0.5):
-        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
+        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5, budget_probability=probability)
 
     scores = [score(5, "mask", 0.999), score(5, "blend", 0.95), score(2, "mask", 0.978),
@@ -272,7 +281,7 @@ def test_only_flagged_classes_are_unlearnt_and_the_working_suspicious_ones_stay_
 
 def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
     def score(target, family, probability, class_probability, asr=0.9):
-        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, 2.0, asr, None, probability, class_probability,
+        return ClassScore(target, family, 0.01, 2.0, 0.0, None, None, None, 2.0, asr, None, probability, class_probability,
                           flagged=probability >= 0.99 and asr >= 0.5, budget_probability=probability)
 
     scores = [score(4, "mask", 0.999, 1.0), score(4, "blend", 0.6, 0.995), score(4, "warp", 0.1, 0.95),
@@ -286,7 +295,7 @@ def test_a_target_brings_its_other_families_that_are_unusual_for_one_class():
 
 def test_a_further_round_takes_only_the_classes_flagged_by_their_budget():
     def score(target, family, budget_probability):
-        return ClassScore(target, family, 0.01, 2.0, 3.0, None, None, 2.0, 0.9, None, 0.999, 1.0,
+        return ClassScore(target, family, 0.01, 2.0, 3.0, None, None, None, 2.0, 0.9, None, 0.999, 1.0,
                           flagged=True, budget_probability=budget_probability)
 
     # Class 3 is unusually small by its blend budget, so both its families go; class 6 only by how
@@ -300,9 +309,9 @@ def test_a_trigger_found_after_unlearning_is_judged_as_on_the_model_as_uploaded(
     reference_needs(family, 2)  # the first detection's reference sizes: twice every class's
     # As small on the uploaded model as after unlearning, 60 times smaller than on the reference
     # (30 times beyond the family's median).
-    missed = uploaded_probability(family, 3, 0.005, 0.3, CALIBRATION, "plain", 20)
+    missed = uploaded_probability(family, 3, 0.005, 0.3, None, CALIBRATION, "plain", 20)
     # On the uploaded model it needs what the reference needs: unlearning made it.
-    made = uploaded_probability(family, 3, 0.3, 0.3, CALIBRATION, "plain", 20)
+    made = uploaded_probability(family, 3, 0.3, 0.3, None, CALIBRATION, "plain", 20)
     assert missed > 0.99 and made < 0.01
 
 
@@ -378,3 +387,43 @@ def test_a_model_whose_copy_cannot_be_made_or_fails_is_used_as_it_is():
     assert for_inference(small, torch.rand(8, 1, 16, 16)) is small
     viewed = Viewed().eval()
     assert for_search(viewed, torch.rand(8, 1, 8, 8)) is viewed
+
+
+def test_the_excess_is_fitted_per_family_and_counted_as_a_score():
+    # Two clean models, two families: blend excesses spread a quarter as much as mask ones.
+    first = clean_classes((0.0, 0.0, None, -1.0), (0.5, 0.5, 1.0, 1.0)) + clean_classes(
+        (0.0, 0.0, None, -0.25), (0.5, 0.5, 2.0, 0.25), family="blend")
+    second = clean_classes((0.0, 0.0, None, 0.0), (1.0, 1.0, 3.0, 2.0)) + clean_classes(
+        (0.0, 0.0, None, 0.0), (1.0, 1.0, 4.0, 0.5), family="blend")
+    fit = Calibration.fit({kind: [first, second] for kind in KINDS}, {kind: [0.0, 1.0] for kind in KINDS},
+                          source="test").excess["plain"]
+    # Mask excesses 0.5 and 1.5 above their median 0.5, blend a quarter of those: each model's
+    # highest counted in those scales, 1 and 2 mask spreads.
+    mask = math.sqrt(1.25)
+    assert fit.scales == {"blend": pytest.approx(mask / 4), "mask": pytest.approx(mask)}
+    assert fit.highest == NormalFit(pytest.approx(1.5 / mask), pytest.approx(0.5 / mask), 2)
+    # Where fitted, a clean model has two chances to show a high score, so the same score is less surprising.
+    fitted = dataclasses.replace(CALIBRATION, excess={"plain": ExcessFit({"mask": 0.5}, NormalFit(2.0, 1.0, 10))})
+    assert fitted.measures_excess("plain") and not fitted.measures_excess("dense")
+    assert fitted.probability(2.0, 30, "plain") == pytest.approx(CALIBRATION.probability(2.0, 30, "plain") ** 2)
+    assert fitted.probability(2.0, 30, "dense") == CALIBRATION.probability(2.0, 30, "dense")
+    # An excess as far above the clean models' highest as a score above theirs (plain: 0 +- 1).
+    assert fitted.excess_score(1.5, "mask", "plain") == pytest.approx(1.0)
+    assert fitted.excess_score(1.5, "warp", "plain") == fitted.excess_score(None, "mask", "plain") == -math.inf
+
+
+def test_a_class_the_model_makes_easier_than_the_reference_makes_it_is_flagged():
+    # Class 3's trigger is ordinary among the model's classes, and on the reference the model's
+    # trigger needs no more than others' (reference ratio 0), but the reference's own triggers make
+    # class 3 the hardest of all: the model alone made it easy.
+    triggers = found([0.3, 0.35, 0.28, 0.2, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])
+    reference_needs(triggers, 3)
+    own = {"mask": log_ratios([0.3, 0.35, 0.28, 3.0, 0.4, 0.33, 0.31, 0.29, 0.36, 0.3])}
+    fitted = dataclasses.replace(CALIBRATION, excess={"plain": ExcessFit({"mask": 0.5}, NormalFit(2.0, 1.0, 10))})
+    without = {s.target: s for s in score_classes([triggers], fitted, DetectionConfig(), "plain")}
+    judged = {s.target: s for s in score_classes([triggers], fitted, DetectionConfig(), "plain", own)}
+    assert without[3].excess is None and not without[3].flagged
+    assert judged[3].excess == pytest.approx(log_ratios([t.size for t in triggers])[3] - own["mask"][3])
+    assert judged[3].excess > 2.5 and judged[3].flagged
+    assert judged[3].budget_probability == judged[3].probability
+    assert excesses([1.0, 2.0], None) == [None, None] and excesses([1.0, 2.0], [0.5, 0.5]) == [0.5, 1.5]

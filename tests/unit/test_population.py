@@ -1,7 +1,9 @@
 """The arithmetic of the population's detection tables (bench/population.py)."""
 
+import dataclasses
+
 from bench.population import most_suspicious, roc_auc_line, summary
-from worker.sanitize.detection import Calibration, NormalFit
+from worker.sanitize.detection import Calibration, ExcessFit, NormalFit
 
 
 def test_roc_auc_ranks_implanted_backdoors_against_clean_models_only():
@@ -48,6 +50,7 @@ def test_cached_scores_are_judged_at_the_calibrations_scales():
     cached = [{"class": 3, "log_ratio": 1.0, "screen_log_ratio": 0.0, "reference_ratio": 0.9, "score": 0.9},
               {"class": 5, "log_ratio": 0.8, "screen_log_ratio": 0.0, "reference_ratio": None, "score": 0.8},
               {"class": 7, "log_ratio": 0.1, "screen_log_ratio": 1.2, "reference_ratio": None, "score": 1.2}]
+    cached = [{**row, "family": "mask", "excess": 0.5} for row in cached]
     fit = {kind: NormalFit(0.0, 0.5, 10) for kind in ("plain", "batchnorm")}
     tests, models = {"plain": 1, "batchnorm": 1}, {"plain": 1, "batchnorm": 1}
     calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 0.5, "batchnorm": 1.0}, fit, tests, models, "test", fit)
@@ -58,3 +61,9 @@ def test_cached_scores_are_judged_at_the_calibrations_scales():
     calibration = Calibration({"plain": 2.0, "batchnorm": 1.0}, {"plain": 1.0, "batchnorm": 1.0}, fit, tests, models, "test", fit)
     top, _ = most_suspicious(cached, calibration, "plain")
     assert (top["class"], top["score"]) == (7, 2.4)
+    # Where the excess is fitted, a class far easier on the model than on the reference leads: an
+    # excess of 3 is six of the fit's spreads above its highest excesses' centre, a score of 3.
+    cached[0]["excess"] = 3.0
+    fitted = dataclasses.replace(calibration, excess={"plain": ExcessFit({"mask": 0.5}, NormalFit(0.0, 1.0, 10))})
+    top, probability = most_suspicious(cached, fitted, "plain")
+    assert (top["class"], top["score"]) == (3, 3.0) and probability == fitted.probability(3.0, 3, "plain")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.sanitize.config import SanitizeConfig
-from worker.sanitize.detection import Calibration, ClassScore, NormalFit
+from worker.sanitize.detection import Calibration, ClassScore, ExcessFit, NormalFit
 from worker.sanitize.pipeline import Detection, accuracy_change, sanitize, split_side_effects, verdict_reason
 from worker.sanitize.recovery import FoundTrigger, MaskFamily, held_out_asr
 from worker.sanitize.reference import train_reference
@@ -128,6 +128,27 @@ def test_a_backdoor_that_unlearning_erases_is_reported_removed(files, tmp_path):
     assert retuning["statistic"] <= report["verification"]["dormancy_line"] <= 0
 
 
+def test_the_reference_s_own_triggers_are_searched_once_and_judge_every_class(files, tmp_path):
+    # Where the kind's calibration has the excess, every class of the first detection and of the
+    # verification is measured against the reference's own triggers, searched once for both.
+    fitted = dataclasses.replace(TOY_CALIBRATION, excess={
+        kind: ExcessFit({"mask": 1.0, "blend": 1.0}, NormalFit(0.0, 1.0, 0)) for kind in KINDS})
+    messages = []
+    report = sanitize(files["backdoored"], files["samples"], tmp_path, SanitizeConfig(seed=0, **SMALL),
+                      progress=lambda stage, fraction, message: messages.append(message), calibration=fitted)
+    assert report["verdict"] == "removed" and report["detected_targets"] == [TARGET]
+    rows = report["class_scores"] + report["verification"]["class_scores"]
+    assert all(row["excess"] is not None for row in rows)
+    # The backdoor makes its target far easier to reach than the clean samples alone make it.
+    mask = [row for row in report["class_scores"] if row["family"] == "mask"]
+    assert max(mask, key=lambda row: row["excess"])["class"] == TARGET
+    searched = [m.split(" triggers")[0] for m in messages if "reference model's own" in m]
+    assert list(dict.fromkeys(searched)) == ["the reference model's own mask", "the reference model's own blend"]
+    # Once: the steps of each family's search count up once, not again in the verification.
+    mask_steps = [m for m in messages if "own mask" in m]
+    assert len(mask_steps) == len(set(mask_steps))
+
+
 def test_a_backdoor_that_comes_back_when_re_tuned_is_reported_residual(files, tmp_path):
     # A calibration whose clean models never re-tune at all: any re-tuning counts as a dormant backdoor.
     never_retuned = dataclasses.replace(TOY_CALIBRATION, retuning={kind: NormalFit(-100.0, 1e-3, 0) for kind in KINDS})
@@ -177,7 +198,7 @@ def test_a_backdoor_that_survives_is_reported_residual_never_removed(files, tmp_
 
 
 def test_unlearning_whose_every_epoch_rolled_back_is_residual_for_every_flagged_class():
-    score = ClassScore(TARGET, "mask", 0.01, 2.0, 0.0, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True,
+    score = ClassScore(TARGET, "mask", 0.01, 2.0, 0.0, None, None, None, 2.0, 0.9, None, 0.999, 1.0, flagged=True,
                        budget_probability=0.999)
     nothing_found = Detection({}, [], 0.0)
     start = Check(epoch=0, clean_accuracy=0.9, recovered_asr={TARGET: 1.0})
@@ -216,7 +237,7 @@ def test_a_further_round_leaves_alone_a_class_whose_new_trigger_was_not_there_be
     raw[1:family.mask_dim] = -10  # the top-left pixel, white
     after = FoundTrigger(3, family, raw, 1 / 16, 1 / 16, True, asr=1.0, reference_size=1.0)
     first = {(c, "mask"): FoundTrigger(c, family, raw, 0.5, 0.5, True) for c in range(4)}
-    score = ClassScore(3, "mask", 1 / 16, 2.0, 2.0, 0.0, 2.8, 2.0, 1.0, 1.0, 0.99, 1.0, flagged=True,
+    score = ClassScore(3, "mask", 1 / 16, 2.0, 2.0, 0.0, 2.8, None, 2.0, 1.0, 1.0, 0.99, 1.0, flagged=True,
                        budget_probability=0.99)
     detection, verification = Detection(first, [score] * 4, 0.5), Detection({(3, "mask"): after}, [score], 0.99)
     x, y = torch.rand(64, 1, 4, 4) * 0.3, torch.arange(64) % 4
@@ -225,7 +246,7 @@ def test_a_further_round_leaves_alone_a_class_whose_new_trigger_was_not_there_be
 
     def split(uploaded, unlearnt=frozenset()):
         return split_side_effects([score], set(unlearnt), verification, detection, uploaded, x, y, calibration,
-                                  SanitizeConfig().detection, "plain")
+                                  SanitizeConfig().detection, "plain", None)
 
     # The uploaded model answers to the pixel too: a backdoor the first detection missed.
     assert split(PixelToClass3(weak=True)) == ([score], [])

@@ -3,7 +3,9 @@ hand-set floors. A class's score is the smaller of how small its trigger is amon
 classes (the larger of its log ratio, how much smaller its budget is than the median class's, and
 its screen log ratio, the same of the size its search held after the first round), scaled to the
 reference ratio's spread, and its reference ratio (how much more of the same trigger a reference
-model trained on the clean samples alone needs, beyond what it needs of the other classes' it follows);
+model trained on the clean samples alone needs, beyond what it needs of the other classes' it follows),
+or, if larger, its excess (how much smaller it is among the model's classes than the reference's own
+smallest trigger for the class is among the reference's), mapped onto the same scale;
 ``calibration.json``, fitted per model kind on clean calibration models only, sets the scales and
 turns the highest score into ``backdoor_probability``.
 docs/method.md, section 3, explains each part and the measurements behind it.
@@ -12,8 +14,9 @@ docs/method.md, section 3, explains each part and the measurements behind it.
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import DetectionConfig
 from .recovery import FoundTrigger
@@ -44,6 +47,26 @@ class NormalFit:
 
 
 @dataclass(frozen=True)
+class ExcessFit:
+    """How clean calibration models' excesses (``ClassScore.excess``) spread: each family's scale
+    (the upper-half spread of its classes' excesses, ``upper_normal``), and a normal fit of each
+    model's highest excess counted in those scales."""
+
+    scales: dict[str, float]
+    highest: NormalFit
+
+
+class CleanClass(NamedTuple):
+    """What the calibration fits of one class and family of a clean calibration model."""
+
+    family: str
+    log_ratio: float
+    screen_log_ratio: float
+    reference_ratio: float | None
+    excess: float | None
+
+
+@dataclass(frozen=True)
 class Calibration:
     # Fitted apart for each model kind (retuning.KINDS): BatchNorm ResNets' ordinary classes score
     # higher than plain CNNs', and one fit of both put the plain CNNs' flagging line above where
@@ -63,41 +86,56 @@ class Calibration:
     source: str
     # The re-tuning statistic (retuning.py) of the same models' classes, unlearnt as if targets.
     retuning: dict[str, NormalFit]
+    # The excess's fit of each kind it was measured on; a kind without one is judged without it
+    # (and its models never search the reference, ``measures_excess``).
+    excess: dict[str, ExcessFit | None] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
         fields = json.loads(path.read_text())
         fits = {name: {kind: NormalFit(**fit) for kind, fit in fields[name].items()} for name in ("scores", "retuning")}
-        return cls(**{**fields, **fits})
+        excess = {kind: None if fit is None else ExcessFit(fit["scales"], NormalFit(**fit["highest"]))
+                  for kind, fit in fields.get("excess", {}).items()}
+        return cls(**{**fields, **fits, "excess": excess})
 
     @classmethod
-    def fit(cls, ratios: dict[str, list[list[tuple[float, float, float | None]]]], retuning: dict[str, list[float]],
+    def fit(cls, classes: dict[str, list[list[CleanClass]]], retuning: dict[str, list[float] | None],
             source: str, keep: "Calibration | None" = None) -> "Calibration":
-        """ratios[kind]: for each of the kind's clean calibration models, the (log ratio, screen log
-        ratio, reference ratio) of its every class and family; retuning[kind]: their re-tuning
-        statistics. A kind with no models keeps ``keep``'s fits: one kind can be refitted without
-        training the other's models again."""
-        unfitted = [kind for kind in KINDS if not ratios.get(kind)]
-        if unfitted and keep is None:
-            raise ValueError(f"no calibration models of kind {', '.join(unfitted)}, and no fit to keep")
-        few = [kind for kind in KINDS if kind not in unfitted and len(ratios[kind]) < 2]
+        """classes[kind]: for each of the kind's clean calibration models, its every class and
+        family; retuning[kind]: their re-tuning statistics (None: keep ``keep``'s fit, which the
+        same models measured). A kind with no models keeps ``keep``'s fits: one kind can be
+        refitted without training the other's models again. The excess is fitted where it was
+        measured on every class."""
+        unfitted = [kind for kind in KINDS if not classes.get(kind)]
+        kept_retuning = [kind for kind in KINDS if kind not in unfitted and retuning.get(kind) is None]
+        if (unfitted or kept_retuning) and keep is None:
+            raise ValueError(f"no calibration models or re-tuning statistics of kind "
+                             f"{', '.join(unfitted + kept_retuning)}, and no fit to keep")
+        few = [kind for kind in KINDS if kind not in unfitted and len(classes[kind]) < 2]
         if few:  # the spread of the models' highest scores needs two of them at least
             raise ValueError(f"one calibration model of kind {', '.join(few)}: a fit needs two or more")
-        fits = {name: {} for name in ("log_ratio_scale", "screen_scale", "scores", "tests", "models", "retuning")}
+        names = ("log_ratio_scale", "screen_scale", "scores", "tests", "models", "retuning", "excess")
+        fits = {name: {} for name in names}
         for kind in KINDS:  # in this order, so that calibration.json's keys keep theirs
             if kind in unfitted:
                 for name, fit in fits.items():
-                    fit[kind] = getattr(keep, name)[kind]
+                    fit[kind] = getattr(keep, name).get(kind)
                 continue
-            models = ratios[kind]
-            every = [triple for model in models for triple in model]
-            screen_scale = (upper_normal([lr for lr, _, _ in every])[1] / upper_normal([slr for _, slr, _ in every])[1])
-            scale = log_ratio_scale([(smallness(lr, slr, screen_scale), rr) for lr, slr, rr in every])
+            models = classes[kind]
+            every = [c for model in models for c in model]
+            screen_scale = (upper_normal([c.log_ratio for c in every])[1]
+                            / upper_normal([c.screen_log_ratio for c in every])[1])
+            scale = log_ratio_scale([(smallness(c.log_ratio, c.screen_log_ratio, screen_scale), c.reference_ratio)
+                                     for c in every])
             fits["screen_scale"][kind], fits["log_ratio_scale"][kind] = screen_scale, scale
-            fits["scores"][kind] = NormalFit.of([max(class_score(smallness(lr, slr, screen_scale), rr, scale)
-                                                     for lr, slr, rr in model) for model in models])
+            fits["scores"][kind] = NormalFit.of([max(class_score(smallness(c.log_ratio, c.screen_log_ratio,
+                                                                           screen_scale), c.reference_ratio, scale)
+                                                     for c in model) for model in models])
             fits["tests"][kind] = round(statistics.fmean(len(model) for model in models))
-            fits["models"][kind], fits["retuning"][kind] = len(models), NormalFit.of(retuning[kind])
+            fits["models"][kind] = len(models)
+            fits["retuning"][kind] = (keep.retuning[kind] if kind in kept_retuning
+                                      else NormalFit.of(retuning[kind]))
+            fits["excess"][kind] = (None if any(c.excess is None for c in every) else excess_fit(models))
         return cls(**fits, source=source)
 
     @classmethod
@@ -111,11 +149,32 @@ class Calibration:
     def collects_scores(self) -> bool:
         return all(math.isinf(fit.mean) for fit in self.scores.values())
 
+    def measures_excess(self, kind: str) -> bool:
+        """Whether detection searches the reference's own triggers on a model of ``kind``: where
+        the excess is fitted, and when collecting scores to fit it."""
+        return self.excess.get(kind) is not None or self.collects_scores
+
+    def statistics(self, kind: str) -> int:
+        """How many statistics judge each class and family: a class score is the larger of two
+        where the excess is fitted (``excess_score``), and a clean model has two chances, not
+        one, to show a high one."""
+        return 1 if self.excess.get(kind) is None else 2
+
+    def excess_score(self, excess: float | None, family: str, kind: str) -> float:
+        """An excess counted as a class score: as many of the clean models' spreads above their
+        highest excesses' centre as a score above their highest scores' (the two normal fits'
+        quantiles matched). -inf where not measured, or not fitted for the kind or family."""
+        fit = self.excess.get(kind)
+        if excess is None or fit is None or family not in fit.scales:
+            return -math.inf
+        z = (excess / fit.scales[family] - fit.highest.mean) / fit.highest.std
+        return self.scores[kind].mean + self.scores[kind].std * z
+
     def probability(self, score: float, tests: int, kind: str) -> float:
         """Chance that a clean model of this kind with ``tests`` scores shows none as high as this
         one: its highest of ``self.tests`` scores stays below it, once or, for fewer or more
-        tests, that fraction or multiple of a time."""
-        return self.scores[kind].below(score) ** (tests / self.tests[kind])
+        tests (and for each statistic, ``statistics``), that fraction or multiple of a time."""
+        return self.scores[kind].below(score) ** (tests * self.statistics(kind) / self.tests[kind])
 
     def retuning_probability(self, statistic: float, tests: int, kind: str) -> float:
         """Chance that ``tests`` unlearnt classes of clean models of this kind all re-tune less than this."""
@@ -123,7 +182,7 @@ class Calibration:
 
     def score_for(self, probability: float, tests: int, kind: str) -> float:
         """The score whose probability is ``probability`` (the flagging line of the chart)."""
-        return self.scores[kind].at(probability, tests / self.tests[kind])
+        return self.scores[kind].at(probability, tests * self.statistics(kind) / self.tests[kind])
 
     def dormancy_line(self, probability: float, tests: int, kind: str) -> float:
         """The re-tuning statistic above which ``tests`` unlearnt classes count as dormant: above
@@ -133,6 +192,14 @@ class Calibration:
         fitted on them: +3.6): under that line alone a WaNet ResNet was reported `removed` while a
         short re-tuning brought its true trigger back to 44% (clean ResNets: 3-9%)."""
         return min(0.0, self.retuning[kind].at(probability, tests))
+
+
+def excess_fit(models: list[list[CleanClass]]) -> ExcessFit:
+    """The excess's fit of one kind's clean calibration models (``ExcessFit``)."""
+    every = [c for model in models for c in model]
+    scales = {family: upper_normal([c.excess for c in every if c.family == family])[1]
+              for family in sorted({c.family for c in every})}
+    return ExcessFit(scales, NormalFit.of([max(c.excess / scales[c.family] for c in model) for model in models]))
 
 
 def never_dormant() -> dict[str, NormalFit]:
@@ -162,7 +229,8 @@ class ClassScore:
     screen_log_ratio: float  # the same of the screen sizes
     transfer_asr: float | None  # held-out ASR of the same trigger on the reference model, as it is; None: not a candidate
     reference_ratio: float | None  # reference_ratios: its budget ratio beyond the other classes' (reference_offset); None: not measured
-    score: float  # class_score: what the calibration judges
+    excess: float | None  # its log ratio less the reference's own trigger's (``excesses``); None: not measured
+    score: float  # class_score, or the excess's if larger (Calibration.excess_score): what the calibration judges
     asr: float  # held-out
     shifted_asr: float | None  # None: not a candidate
     probability: float  # against every class and family of a clean model: how a model is judged
@@ -258,23 +326,42 @@ def log_ratio_scale(ratios: list[tuple[float, float | None]]) -> float:
     return upper_normal([rr for _, rr in candidates])[1] / upper_normal([small for small, _ in candidates])[1]
 
 
+def excesses(log_ratios_on_model: list[float], reference_log_ratios: list[float] | None) -> list[float | None]:
+    """Each class's log ratio on the model less the log ratio of the reference's own smallest
+    trigger for it (the reference's search, not the model's triggers): how much easier the class
+    is to reach in the model than the clean samples alone make it. The reference ratio sizes the
+    model's trigger on the reference, and a reference of another seed may follow it half again as
+    well: the black-square BadNets small CNN s11 scored 0.87 with one reference and 0.53-0.59,
+    `clean`, with two others; its excess cleared every clean model's by 1.1 (docs/population.md,
+    thirty-sixth sitting)."""
+    if reference_log_ratios is None:
+        return [None] * len(log_ratios_on_model)
+    return [model - reference for model, reference in zip(log_ratios_on_model, reference_log_ratios)]
+
+
 def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration, cfg: DetectionConfig,
-                  kind: str) -> list[ClassScore]:
+                  kind: str, reference_log_ratios: dict[str, list[float]] | None = None) -> list[ClassScore]:
     """per_family[f][c]: class c's trigger in family f, with its held-out and transfer ASRs
-    filled in, on a model of ``kind``. Returns every (class, family) score, the most suspicious first."""
+    filled in, on a model of ``kind``; reference_log_ratios[family]: the log ratios of the
+    reference's own triggers, where searched. Returns every (class, family) score, the most
+    suspicious first."""
     tests = sum(len(found) for found in per_family)
     scores = []
     for found in per_family:
+        family = found[0].family.name
+        budget_ratios = log_ratios([t.size for t in found])
         screen_ratios = log_ratios([t.screen_size for t in found])
-        for trigger, log_ratio, screen_ratio, ratio in zip(found, log_ratios([t.size for t in found]), screen_ratios,
-                                                           reference_ratios(found)):
+        family_excesses = excesses(budget_ratios, (reference_log_ratios or {}).get(family))
+        for trigger, log_ratio, screen_ratio, ratio, excess in zip(found, budget_ratios, screen_ratios,
+                                                                   reference_ratios(found), family_excesses):
             small = smallness(log_ratio, screen_ratio, calibration.screen_scale[kind])
-            score = class_score(small, ratio, calibration.log_ratio_scale[kind])
+            excess_score = calibration.excess_score(excess, family, kind)
+            score = max(class_score(small, ratio, calibration.log_ratio_scale[kind]), excess_score)
             probability = calibration.probability(score, tests, kind)
-            budget_score = class_score(log_ratio, ratio, calibration.log_ratio_scale[kind])
+            budget_score = max(class_score(log_ratio, ratio, calibration.log_ratio_scale[kind]), excess_score)
             scores.append(ClassScore(
-                trigger.target, trigger.family.name, trigger.size, log_ratio, screen_ratio, trigger.transfer_asr,
-                ratio, score,
+                trigger.target, family, trigger.size, log_ratio, screen_ratio, trigger.transfer_asr,
+                ratio, excess, score,
                 trigger.asr, trigger.shifted_asr, probability,
                 calibration.probability(score, len(per_family), kind),
                 flagged=probability >= cfg.flag_probability and trigger.asr >= cfg.min_held_out_asr,
@@ -284,17 +371,22 @@ def score_classes(per_family: list[list[FoundTrigger]], calibration: Calibration
 
 
 def uploaded_probability(family: list[FoundTrigger], target: int, uploaded_size: float,
-                         reference_size: float | None, calibration: Calibration, kind: str, tests: int) -> float:
+                         reference_size: float | None, reference_log_ratio: float | None,
+                         calibration: Calibration, kind: str, tests: int) -> float:
     """The budget probability that a trigger found after unlearning would have had in the first
     detection, on the model as uploaded: its budget there (``uploaded_size``) among the sizes of
     its family that the first detection found on the uploaded model (``family``, one per class, the
     class's own replaced), and against the reference's budget beyond the other classes' (``reference_offset``). A
     backdoor the first detection missed is as small on the uploaded model; a weakness that
-    unlearning made is not."""
+    unlearning made is not. Its excess counts against the reference's own trigger's log ratio
+    (``reference_log_ratio``), where searched."""
     sizes = [t.size for t in family]
     sizes[target] = uploaded_size
+    log_ratio = log_ratios(sizes)[target]
     ratio = None if reference_size is None else budget_ratio(reference_size, uploaded_size) - reference_offset(family, target)
-    score = class_score(log_ratios(sizes)[target], ratio, calibration.log_ratio_scale[kind])
+    excess = None if reference_log_ratio is None else log_ratio - reference_log_ratio
+    score = max(class_score(log_ratio, ratio, calibration.log_ratio_scale[kind]),
+                calibration.excess_score(excess, family[target].family.name, kind))
     return calibration.probability(score, tests, kind)
 
 

@@ -233,12 +233,44 @@ def one_per_class(scores: list[ClassScore]) -> list[ClassScore]:
     return kept
 
 
+def smallest_triggers(searched, measured, family, x_train, y_train, x_hold, y_hold, num_classes: int,
+                      config: SanitizeConfig, seed: int, on_step) -> list[FoundTrigger]:
+    """Every class's smallest trigger in ``family``, searched on ``searched`` (``for_search``),
+    with its held-out ASR and budget on ``measured`` (``for_inference``)."""
+    found = search_triggers(searched, family, x_train, y_train, num_classes, config.recovery, seed, on_step)
+    for trigger in found:
+        trigger.asr = held_out_asr(measured, trigger, x_hold, y_hold)
+        trigger.size = budget(measured, trigger, x_hold, y_hold, config.detection.budget_asr)
+    return found
+
+
+def reference_log_ratios(reference: LazyReference, families, x_train, y_train, x_hold, y_hold, num_classes: int,
+                         config: SanitizeConfig, on_progress: Callable[[float, str], None]) -> dict[str, list[float]]:
+    """The log ratios of the reference's own smallest triggers, per family (detection.excesses);
+    searched on first use with the run's seed, so that the model as uploaded and after
+    unlearning are measured against the same. Its progress is reported at the end of the stage
+    (``on_progress(1.0, ...)``): it comes after the model's search, and a bar must not go back."""
+    if reference.log_ratios is None:
+        model = reference.get()
+        searched, measured = for_search(model, x_train[:8]), for_inference(model, x_hold[:8])
+        reference.log_ratios = {}
+        for i, family in enumerate(families):
+            def on_step(step, total, family=family):
+                on_progress(1.0, f"the reference model's own {family.name} triggers, step {step}/{total}")
+
+            found = smallest_triggers(searched, measured, family, x_train, y_train, x_hold, y_hold, num_classes,
+                                      config, config.seed + i, on_step)
+            reference.log_ratios[family.name] = log_ratios([t.size for t in found])
+    return reference.log_ratios
+
+
 def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, x_hold, y_hold, num_classes: int,
            config: SanitizeConfig, calibration: Calibration, seed: int,
            on_progress: Callable[[float, str], None]) -> Detection:
     """Searches every class's smallest trigger in every family, measures them on the held-out
     split and, if any class is a candidate, every one on the reference model, and scores them
-    against the calibration of the model's kind (retuning.KINDS)."""
+    against the calibration of the model's kind (retuning.KINDS), and against the reference's own
+    triggers where the kind's calibration has the excess."""
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
     line = reference_line(calibration, config.detection, len(families), len(families) * num_classes, kind)
     measured, searched = for_inference(model, x_hold[:8]), for_search(model, x_train[:8])
@@ -247,10 +279,8 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
         def on_step(step, total, i=i, family=family):
             on_progress((i + step / total) / len(families), f"{family.name} triggers, step {step}/{total}")
 
-        found = search_triggers(searched, family, x_train, y_train, num_classes, config.recovery, seed + i, on_step)
-        for trigger in found:
-            trigger.asr = held_out_asr(measured, trigger, x_hold, y_hold)
-            trigger.size = budget(measured, trigger, x_hold, y_hold, config.detection.budget_asr)
+        found = smallest_triggers(searched, measured, family, x_train, y_train, x_hold, y_hold, num_classes, config,
+                                  seed + i, on_step)
         screen_ratios = log_ratios([t.screen_size for t in found])
         # A candidate: is it as small for a clean model of the data?
         candidates += [trigger for trigger, log_ratio, screen_ratio
@@ -267,21 +297,24 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
         for trigger in candidates:
             trigger.transfer_asr = held_out_asr(measured_reference, trigger, x_hold, y_hold)
             trigger.shifted_asr = held_out_asr(measured, trigger, x_hold, y_hold, shift=1)
-    scores = score_classes(per_family, calibration, config.detection, kind)
+    own = (reference_log_ratios(reference, families, x_train, y_train, x_hold, y_hold, num_classes, config,
+                                on_progress) if calibration.measures_excess(kind) else None)
+    scores = score_classes(per_family, calibration, config.detection, kind, own)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
     return Detection(found, scores, backdoor_probability(scores))
 
 
 def split_side_effects(scores: list[ClassScore], unlearnt: set[int], verification: Detection, detection: Detection,
                        uploaded: nn.Module, x_hold, y_hold, calibration: Calibration, cfg: DetectionConfig,
-                       kind: str) -> tuple[list[ClassScore], list[int]]:
+                       kind: str, own: dict[str, list[float]] | None) -> tuple[list[ClassScore], list[int]]:
     """(the scores of a further round's classes whose trigger was there before unlearning, the other
     classes). A class unlearnt already was flagged on the model as uploaded; a new one's triggers
     that flag it by their budget are sized on that model too (``uploaded_probability``): a backdoor
     the first detection missed works there as well, a side effect of unlearning does not.
     Unlearning a side effect costs accuracy and reaches no backdoor: the well-trained TrojanNN s22
     lost 4 points of selection accuracy to a second round for an ordinary class that the first
-    detection did not rank among its five most suspicious (docs/population.md, twenty-first sitting)."""
+    detection did not rank among its five most suspicious (docs/population.md, twenty-first sitting).
+    ``own``: the log ratios of the reference's own triggers, where searched (``reference_log_ratios``)."""
     line = cfg.suspicious_probability
     measured = None
     there_before = set(unlearnt)
@@ -293,7 +326,8 @@ def split_side_effects(scores: list[ClassScore], unlearnt: set[int], verificatio
         trigger = verification.found[(score.target, score.family)]
         family = [t for (_, name), t in sorted(detection.found.items()) if name == score.family]
         size = budget(measured, trigger, x_hold, y_hold, cfg.budget_asr)
-        if uploaded_probability(family, score.target, size, trigger.reference_size, calibration, kind,
+        own_ratio = None if own is None else own[score.family][score.target]
+        if uploaded_probability(family, score.target, size, trigger.reference_size, own_ratio, calibration, kind,
                                 len(detection.scores)) >= line:
             there_before.add(score.target)
     side_effects = sorted({score.target for score in scores} - there_before)
@@ -324,7 +358,7 @@ def score_rows(detection: Detection) -> list[ReportedScore]:
                           screen_size=round(detection.found[(s.target, s.family)].screen_size, 5),
                           log_ratio=round(s.log_ratio, 3), screen_log_ratio=round(s.screen_log_ratio, 3),
                           transfer_asr=rounded(s.transfer_asr, 4),
-                          reference_ratio=rounded(s.reference_ratio, 3),
+                          reference_ratio=rounded(s.reference_ratio, 3), excess=rounded(s.excess, 3),
                           score=round(s.score, 3), held_out_asr=round(s.asr, 4),
                           shifted_asr=rounded(s.shifted_asr, 4), probability=round(s.probability, 4),
                           class_probability=round(s.class_probability, 4),
@@ -505,7 +539,8 @@ def run_pipeline(module: nn.Module, model_format: str, samples: Samples, config:
         further = [] if last else by_budget(verification.to_unlearn(config.detection),
                                             config.detection.suspicious_probability)
         further, found_after = split_side_effects(further, unlearnt, verification, detection, uploaded, x_hold,
-                                                  y_hold, calibration, config.detection, kind)
+                                                  y_hold, calibration, config.detection, kind,
+                                                  reference.log_ratios)
         side_effects += found_after
         t_verify += time.perf_counter() - t0
         if not further:
@@ -639,9 +674,9 @@ def verdict_reason(verdict: str, detection: Detection, verification: Detection |
     if verdict == "clean":
         # Not "no backdoor": weak backdoors, strong ones in well-trained models (a Trojan and a SIG
         # model at 0.79 and 0.73) and ones whose trigger the reference half answers (a black square
-        # on sandals at 0.74 under two of three reference seeds) score where some clean models'
-        # natural classes do (docs/population.md), so say how far up the clean models' range the
-        # model sits.
+        # on sandals at 0.74 under two of three reference seeds before the excess, and still so on
+        # BatchNorm models, which have none) score where some clean models' natural classes do
+        # (docs/population.md), so say how far up the clean models' range the model sits.
         where = "" if top is None else (f"; class {top.target} ({top.family} family) is the most suspicious, "
                                         f"above the most suspicious class of {top.probability:.0%} of clean "
                                         "models, and backdoors can score this low (weak ones, strong ones in "

@@ -55,13 +55,17 @@ def train_epochs(model, optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int
 
 
 class LazyReference:
-    """The reference model, trained on first use: detection needs it only for a class whose log
-    ratio alone reaches the suspicious line, and a model without one never pays for it."""
+    """The reference model, trained on first use: detection needs it for its own triggers where the
+    excess is fitted (detection.excesses), and elsewhere only for a class whose log ratio alone
+    reaches the suspicious line; a model without one never pays for it."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int, kind: str):
         self.arguments = (x, y, num_classes, epochs, seed, reference_architecture(kind))
         self.model: torch.nn.Module | None = None
         self.seconds = 0.0  # training time, 0 while untrained
+        # The log ratios of its own smallest triggers, per family: searched once (pipeline.detect),
+        # the same for the model as uploaded and after unlearning.
+        self.log_ratios: dict[str, list[float]] | None = None
 
     def get(self) -> torch.nn.Module:
         if self.model is None:

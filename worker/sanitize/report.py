@@ -54,6 +54,7 @@ class ReportedScore(ReportPart):
     screen_log_ratio: float | None = None
     transfer_asr: float | None = None
     reference_ratio: float | None = None
+    excess: float | None = None  # its log ratio less the reference's own trigger's (detection.excesses)
     score: float | None = None
     held_out_asr: float | None = None
     shifted_asr: float | None = None
