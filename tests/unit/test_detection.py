@@ -427,3 +427,6 @@ def test_a_class_the_model_makes_easier_than_the_reference_makes_it_is_flagged()
     assert judged[3].excess > 2.5 and judged[3].flagged
     assert judged[3].budget_probability == judged[3].probability
     assert excesses([1.0, 2.0], None) == [None, None] and excesses([1.0, 2.0], [0.5, 0.5]) == [0.5, 1.5]
+    # A trigger found after unlearning, as small on the model as uploaded, counts its excess there too.
+    assert (uploaded_probability(triggers, 3, 0.2, None, own["mask"][3], fitted, "plain", 1) > 0.99
+            > uploaded_probability(triggers, 3, 0.2, None, None, fitted, "plain", 1))
