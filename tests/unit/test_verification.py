@@ -133,9 +133,14 @@ def test_the_reference_s_own_triggers_are_searched_once_and_judge_every_class(fi
     # verification is measured against the reference's own triggers, searched once for both.
     fitted = dataclasses.replace(TOY_CALIBRATION, excess={
         kind: ExcessFit({"mask": 1.0, "blend": 1.0}, NormalFit(0.0, 1.0, 0)) for kind in KINDS})
-    messages = []
+    messages, fractions = [], []
+
+    def progress(stage, fraction, message):
+        messages.append(message)
+        fractions.append(fraction if stage == "recovery" else None)
+
     report = sanitize(files["backdoored"], files["samples"], tmp_path, SanitizeConfig(seed=0, **SMALL),
-                      progress=lambda stage, fraction, message: messages.append(message), calibration=fitted)
+                      progress=progress, calibration=fitted)
     assert report["verdict"] == "removed" and report["detected_targets"] == [TARGET]
     rows = report["class_scores"] + report["verification"]["class_scores"]
     assert all(row["excess"] is not None for row in rows)
@@ -147,6 +152,11 @@ def test_the_reference_s_own_triggers_are_searched_once_and_judge_every_class(fi
     # Once: the steps of each family's search count up once, not again in the verification.
     mask_steps = [m for m in messages if "own mask" in m]
     assert len(mask_steps) == len(set(mask_steps))
+    # The recovery's bar moves on through it, and never back.
+    recovery = [f for f in fractions if f is not None]
+    assert recovery == sorted(recovery)
+    own = [f for f, m in zip(fractions, messages) if "reference model's own" in m]
+    assert own[-1] > own[0] > min(recovery)
 
 
 def test_a_backdoor_that_comes_back_when_re_tuned_is_reported_residual(files, tmp_path):

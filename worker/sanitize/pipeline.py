@@ -248,15 +248,15 @@ def reference_log_ratios(reference: LazyReference, families, x_train, y_train, x
                          config: SanitizeConfig, on_progress: Callable[[float, str], None]) -> dict[str, list[float]]:
     """The log ratios of the reference's own smallest triggers, per family (detection.excesses);
     searched on first use with the run's seed, so that the model as uploaded and after
-    unlearning are measured against the same. Its progress is reported at the end of the stage
-    (``on_progress(1.0, ...)``): it comes after the model's search, and a bar must not go back."""
+    unlearning are measured against the same."""
     if reference.log_ratios is None:
         model = reference.get()
         searched, measured = for_search(model, x_train[:8]), for_inference(model, x_hold[:8])
         reference.log_ratios = {}
         for i, family in enumerate(families):
-            def on_step(step, total, family=family):
-                on_progress(1.0, f"the reference model's own {family.name} triggers, step {step}/{total}")
+            def on_step(step, total, i=i, family=family):
+                on_progress((i + step / total) / len(families),
+                            f"the reference model's own {family.name} triggers, step {step}/{total}")
 
             found = smallest_triggers(searched, measured, family, x_train, y_train, x_hold, y_hold, num_classes,
                                       config, config.seed + i, on_step)
@@ -274,10 +274,12 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
     families = make_families(config.recovery.families, shape, config.recovery.patch_size)
     line = reference_line(calibration, config.detection, len(families), len(families) * num_classes, kind)
     measured, searched = for_inference(model, x_hold[:8]), for_search(model, x_train[:8])
+    # The model's search takes the first half of the bar where the reference's own search follows.
+    share = 0.5 if calibration.measures_excess(kind) and reference.log_ratios is None else 1.0
     per_family, candidates = [], []
     for i, family in enumerate(families):
         def on_step(step, total, i=i, family=family):
-            on_progress((i + step / total) / len(families), f"{family.name} triggers, step {step}/{total}")
+            on_progress(share * (i + step / total) / len(families), f"{family.name} triggers, step {step}/{total}")
 
         found = smallest_triggers(searched, measured, family, x_train, y_train, x_hold, y_hold, num_classes, config,
                                   seed + i, on_step)
@@ -290,7 +292,7 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
     if candidates:
         # Every class, not the candidates alone: a candidate's ratio counts beyond the other
         # classes' (detection.reference_offset).
-        on_progress(1.0, "measuring the triggers on the reference model, trained on the clean samples")
+        on_progress(share, "measuring the triggers on the reference model, trained on the clean samples")
         measured_reference = for_inference(reference.get(), x_hold[:8])
         for trigger in (t for found in per_family for t in found):
             trigger.reference_size = budget(measured_reference, trigger, x_hold, y_hold, config.detection.budget_asr)
@@ -298,7 +300,8 @@ def detect(model, kind: str, reference: LazyReference, shape, x_train, y_train, 
             trigger.transfer_asr = held_out_asr(measured_reference, trigger, x_hold, y_hold)
             trigger.shifted_asr = held_out_asr(measured, trigger, x_hold, y_hold, shift=1)
     own = (reference_log_ratios(reference, families, x_train, y_train, x_hold, y_hold, num_classes, config,
-                                on_progress) if calibration.measures_excess(kind) else None)
+                                lambda fraction, message: on_progress(share + (1 - share) * fraction, message))
+           if calibration.measures_excess(kind) else None)
     scores = score_classes(per_family, calibration, config.detection, kind, own)
     found = {(t.target, t.family.name): t for ts in per_family for t in ts}
     return Detection(found, scores, backdoor_probability(scores))
